@@ -1,0 +1,165 @@
+package mmconfig
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+var update = flag.Bool("update", false, "rewrite testdata/*.golden.json from the current output")
+
+var testTLS = TLS{
+	ListenAddress: ":443",
+	CertFile:      "/opt/mattermost/config/fullchain.pem",
+	KeyFile:       "/opt/mattermost/config/privkey.pem",
+}
+
+func TestEditGolden(t *testing.T) {
+	inputs, err := filepath.Glob("testdata/*.in.json")
+	if err != nil || len(inputs) == 0 {
+		t.Fatalf("no golden inputs: %v", err)
+	}
+	for _, in := range inputs {
+		name := strings.TrimSuffix(filepath.Base(in), ".in.json")
+		t.Run(name, func(t *testing.T) {
+			doc, err := os.ReadFile(in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out, changes, err := Edit(doc, testTLS.Settings())
+			if err != nil {
+				t.Fatalf("Edit: %v", err)
+			}
+			golden := strings.TrimSuffix(in, ".in.json") + ".golden.json"
+			if *update {
+				if err := os.WriteFile(golden, out, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(golden)
+			if err != nil {
+				t.Fatalf("read golden (run with -update to create): %v", err)
+			}
+			if !bytes.Equal(out, want) {
+				t.Errorf("output differs from %s:\n%s", golden, out)
+			}
+			if !json.Valid(out) {
+				t.Fatalf("output is not valid JSON:\n%s", out)
+			}
+			assertOnlyOwnedChanged(t, doc, out)
+			if name == "already-set" && (len(changes) != 0 || !bytes.Equal(out, doc)) {
+				t.Errorf("already-set config changed: %v", changes)
+			}
+			// Applying the edit again changes nothing.
+			again, changes2, err := Edit(out, testTLS.Settings())
+			if err != nil || len(changes2) != 0 || !bytes.Equal(again, out) {
+				t.Errorf("second edit: err %v, changes %v", err, changes2)
+			}
+		})
+	}
+}
+
+// assertOnlyOwnedChanged decodes both documents and checks that everything
+// but the owned keys is semantically identical.
+func assertOnlyOwnedChanged(t *testing.T, before, after []byte) {
+	t.Helper()
+	strip := func(doc []byte) map[string]any {
+		var m map[string]any
+		if err := json.Unmarshal(doc, &m); err != nil {
+			t.Fatalf("decode: %v", err)
+		}
+		if ss, ok := m[Section].(map[string]any); ok {
+			for _, k := range OwnedKeys() {
+				delete(ss, strings.TrimPrefix(k, Section+"."))
+			}
+			if len(ss) == 0 {
+				delete(m, Section)
+			}
+		}
+		return m
+	}
+	if a, b := strip(before), strip(after); !reflect.DeepEqual(a, b) {
+		t.Errorf("keys other than the owned ones changed:\nbefore %v\nafter  %v", a, b)
+	}
+	var m struct{ ServiceSettings map[string]any }
+	json.Unmarshal(after, &m)
+	for _, s := range testTLS.Settings() {
+		if got := m.ServiceSettings[s.Key]; !reflect.DeepEqual(got, s.Value) {
+			t.Errorf("%s = %v, want %v", s.Name(), got, s.Value)
+		}
+	}
+}
+
+func TestEditReportsChanges(t *testing.T) {
+	doc, _ := os.ReadFile("testdata/typical.in.json")
+	_, changes, err := Edit(doc, testTLS.Settings())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, c := range changes {
+		got = append(got, c.Key+" "+string(c.Old)+" -> "+string(c.New))
+	}
+	want := []string{
+		`ServiceSettings.ListenAddress ":8065" -> ":443"`,
+		`ServiceSettings.ConnectionSecurity "" -> "TLS"`,
+		`ServiceSettings.TLSCertFile "" -> "/opt/mattermost/config/fullchain.pem"`,
+		`ServiceSettings.TLSKeyFile "" -> "/opt/mattermost/config/privkey.pem"`,
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("changes:\n got %q\nwant %q", got, want)
+	}
+}
+
+func TestEditRefuses(t *testing.T) {
+	tests := []struct {
+		name, doc, want string
+	}{
+		{"not json", `{"ServiceSettings": {`, "parse config: unexpected end of JSON input"},
+		{"array", `[1, 2]`, "config: not a JSON object"},
+		{"section not object", `{"ServiceSettings": "x"}`, "config: ServiceSettings: not a JSON object"},
+		{"trailing garbage", `{} {}`, "parse config: invalid character '{' after top-level value"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, _, err := Edit([]byte(tt.doc), testTLS.Settings())
+			if err == nil || err.Error() != tt.want {
+				t.Errorf("Edit error = %v, want %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func FuzzEdit(f *testing.F) {
+	for _, in := range []string{"typical", "compact", "tabs-crlf", "duplicate-keys", "empty-service-settings"} {
+		doc, err := os.ReadFile("testdata/" + in + ".in.json")
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(doc)
+	}
+	f.Add([]byte(`{"ServiceSettings":{"ListenAddress":"\u0022:1\\\""}}`))
+	f.Fuzz(func(t *testing.T, doc []byte) {
+		out, _, err := Edit(doc, testTLS.Settings())
+		if err != nil {
+			return
+		}
+		if !json.Valid(out) {
+			t.Fatalf("Edit produced invalid JSON from %q:\n%q", doc, out)
+		}
+		var before, after map[string]any
+		if json.Unmarshal(doc, &before) != nil || json.Unmarshal(out, &after) != nil {
+			return // valid JSON but not an object map (duplicate-key type clash)
+		}
+		assertOnlyOwnedChanged(t, doc, out)
+		again, changes, err := Edit(out, testTLS.Settings())
+		if err != nil || len(changes) != 0 || !bytes.Equal(again, out) {
+			t.Fatalf("edit not idempotent: %v %v", err, changes)
+		}
+	})
+}

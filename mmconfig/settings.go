@@ -1,0 +1,107 @@
+package mmconfig
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+)
+
+// DefaultListenAddress is where mmtls makes Mattermost listen when not told
+// otherwise.
+const DefaultListenAddress = ":443"
+
+// Section is the config section every owned key lives in.
+const Section = "ServiceSettings"
+
+// TLS is the state mmtls puts into Mattermost's config.
+type TLS struct {
+	// ListenAddress is ServiceSettings.ListenAddress. Empty means
+	// DefaultListenAddress.
+	ListenAddress string
+	// CertFile and KeyFile are the absolute paths of the installed files.
+	CertFile, KeyFile string
+	// SiteURL, if not empty, is also set.
+	SiteURL string
+}
+
+// Settings returns the owned settings and their values: ListenAddress,
+// ConnectionSecurity "TLS", TLSCertFile, TLSKeyFile, UseLetsEncrypt false
+// (it would make Mattermost ignore the files), and SiteURL when set.
+func (t TLS) Settings() []Setting {
+	listen := t.ListenAddress
+	if listen == "" {
+		listen = DefaultListenAddress
+	}
+	s := []Setting{
+		{Section, "ListenAddress", listen},
+		{Section, "ConnectionSecurity", "TLS"},
+		{Section, "TLSCertFile", t.CertFile},
+		{Section, "TLSKeyFile", t.KeyFile},
+		{Section, "UseLetsEncrypt", false},
+	}
+	if t.SiteURL != "" {
+		s = append(s, Setting{Section, "SiteURL", t.SiteURL})
+	}
+	return s
+}
+
+// OwnedKeys lists the keys mmtls may set, as "Section.Key".
+func OwnedKeys() []string {
+	var out []string
+	for _, s := range (TLS{SiteURL: "x"}).Settings() {
+		out = append(out, s.Name())
+	}
+	return out
+}
+
+// Lookup returns the raw JSON value of section.key in doc (the last one, if
+// duplicated), or nil if absent.
+func Lookup(doc []byte, section, key string) (json.RawMessage, error) {
+	top, err := parseObjectChecked(doc)
+	if err != nil {
+		return nil, err
+	}
+	secs := top.find(section)
+	if len(secs) == 0 {
+		return nil, nil
+	}
+	sec := secs[len(secs)-1]
+	if doc[sec.valStart] != '{' {
+		return nil, fmt.Errorf("config: %s: %w", section, ErrNotObject)
+	}
+	obj, err := parseObject(doc, sec.valStart)
+	if err != nil {
+		return nil, err
+	}
+	ms := obj.find(key)
+	if len(ms) == 0 {
+		return nil, nil
+	}
+	m := ms[len(ms)-1]
+	return json.RawMessage(doc[m.valStart:m.valEnd]), nil
+}
+
+// LookupString returns section.key as a string; "" when absent or null.
+func LookupString(doc []byte, section, key string) (string, error) {
+	raw, err := Lookup(doc, section, key)
+	if err != nil || raw == nil {
+		return "", err
+	}
+	var s *string
+	if err := json.Unmarshal(raw, &s); err != nil {
+		return "", fmt.Errorf("config: %s.%s: %w", section, key, err)
+	}
+	if s == nil {
+		return "", nil
+	}
+	return *s, nil
+}
+
+// ListenPort returns the port of a ListenAddress, as Mattermost parses it.
+func ListenPort(addr string) (string, error) {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", fmt.Errorf("listen address %q: %w", addr, err)
+	}
+	return port, nil
+}
