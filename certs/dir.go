@@ -405,12 +405,27 @@ func (d *Dir) Sync() error {
 // WriteFile atomically replaces name with data and attrs: temp file, owner
 // and mode set through its descriptor, fsync, rename, fsync of the directory.
 func (d *Dir) WriteFile(name string, data []byte, a FileAttrs) error {
+	return d.ReplaceFile(name, data, a, nil)
+}
+
+// ReplaceFile is WriteFile with a last check: precondition, if not nil, runs
+// once the new file is staged, just before the rename, and an error from it
+// cancels the write (the temp file is removed and the error returned). It
+// narrows the window in which a concurrent writer's change could be lost to
+// the rename itself.
+func (d *Dir) ReplaceFile(name string, data []byte, a FileAttrs, precondition func() error) error {
 	if err := checkName(name); err != nil {
 		return err
 	}
 	s, err := d.stage(name, data, a, nil)
 	if err != nil {
 		return err
+	}
+	if precondition != nil {
+		if err := precondition(); err != nil {
+			s.abort()
+			return err
+		}
 	}
 	if err := s.commit(); err != nil {
 		return err

@@ -59,35 +59,36 @@ const (
 
 // Previous describes the file an install found at a destination name.
 type Previous struct {
-	UID, GID int
-	Mode     fs.FileMode
-	SHA256   string
+	UID    int         `json:"uid"`
+	GID    int         `json:"gid"`
+	Mode   fs.FileMode `json:"mode"`
+	SHA256 string      `json:"sha256"`
 	// Backup is the copy in BackupDir, or "" when none was made.
-	Backup string `json:",omitempty"`
+	Backup string `json:"backup,omitempty"`
 	data   []byte
 }
 
 // FileResult is the outcome for one file.
 type FileResult struct {
-	Name   string
-	Path   string
-	Action Action
-	SHA256 string
+	Name   string `json:"name"`
+	Path   string `json:"path"`
+	Action Action `json:"action"`
+	SHA256 string `json:"sha256"`
 	// Suspicious says why the entry found at the destination name was not
 	// trusted (a symlink, a hard link, not a regular file); it was replaced,
 	// never followed, and not backed up. Empty when nothing was odd.
-	Suspicious string `json:",omitempty"`
+	Suspicious string `json:"suspicious,omitempty"`
 	// Previous is the trusted file that was there, or nil.
-	Previous *Previous `json:",omitempty"`
+	Previous *Previous `json:"previous,omitempty"`
 }
 
 // InstallResult reports what an install did or, with DryRun, would do.
 type InstallResult struct {
 	// Changed reports that at least one file is (or would be) written.
-	Changed bool
-	Files   []FileResult
+	Changed bool         `json:"changed"`
+	Files   []FileResult `json:"files"`
 	// Backups lists the backup copies written.
-	Backups []string `json:",omitempty"`
+	Backups []string `json:"backups,omitempty"`
 }
 
 // Install writes req.Files into req.Dir atomically and symlink-safely. Every

@@ -1,0 +1,102 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// lockPoll is how often a waiting run retries the lock.
+const lockPoll = 100 * time.Millisecond
+
+// fileLock is an exclusive flock on a file in the state directory. The
+// kernel drops it when the process dies, so a killed run never wedges the
+// next one.
+type fileLock struct {
+	f *os.File
+}
+
+// acquireLock takes the lock at path, waiting up to timeout. The holder's
+// PID is written into the file, for the message another run prints.
+func acquireLock(ctx context.Context, path string, timeout time.Duration, log *slog.Logger) (*fileLock, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open lock: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	t := time.NewTicker(lockPoll)
+	defer t.Stop()
+	waiting := false
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			break
+		}
+		if err != unix.EWOULDBLOCK {
+			f.Close()
+			return nil, fmt.Errorf("lock %q: %w", path, err)
+		}
+		if !waiting {
+			waiting = true
+			log.Info("waiting for another mmtls run to finish", "lock", path, "holder_pid", holderPID(path), "timeout", timeout)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, &outcome{kind: ErrBusy, err: fmt.Errorf("lock %q is held by another mmtls run (pid %s); gave up after %s (--lock-timeout): %w",
+				path, holderPID(path), timeout, ErrBusy)}
+		case <-t.C:
+		}
+	}
+	if err := f.Truncate(0); err == nil {
+		f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	}
+	return &fileLock{f: f}, nil
+}
+
+func holderPID(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil || len(strings.TrimSpace(string(b))) == 0 {
+		return "unknown"
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// release drops the lock.
+func (l *fileLock) release() error {
+	return l.f.Close()
+}
+
+// stateDir makes sure dir exists and is root's alone: created 0700 if
+// missing; refused if a symlink, not a directory, or writable by anyone but
+// its root owner. The backups and the lock live there, so the mattermost
+// user must not be able to touch it.
+func stateDir(dir string) error {
+	if !filepath.IsAbs(dir) {
+		return usage(fmt.Errorf("--state-dir %q: must be an absolute path", dir))
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create state directory: %w", err)
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(dir, &st); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	switch {
+	case st.Mode&unix.S_IFMT != unix.S_IFDIR:
+		return refused(fmt.Errorf("state directory %q is not a directory (a symlink?); mmtls keeps its backups there and needs a real root-owned directory", dir))
+	case int(st.Uid) != os.Geteuid():
+		return refused(fmt.Errorf("state directory %q is owned by uid %d; it must be owned by uid %d (the user running mmtls)", dir, st.Uid, os.Geteuid()))
+	case st.Mode&0o022 != 0:
+		return refused(fmt.Errorf("state directory %q has mode %04o; it must not be writable by group or others (chmod 700 %s)", dir, st.Mode&0o7777, dir))
+	}
+	return nil
+}

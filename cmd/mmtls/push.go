@@ -1,0 +1,136 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/mmtls/mmtls/agent"
+)
+
+func newPushCmd(a *app) *cobra.Command {
+	var (
+		o      agent.PushOptions
+		asJSON bool
+	)
+	cmd := &cobra.Command{
+		Use:   "push --cert FILE --key FILE",
+		Short: "Validate a certificate and key and install them for Mattermost",
+		Long: `push validates a certificate and its key, installs them where Mattermost
+reads them and points Mattermost's config at them.
+
+Validation: the key matches the leaf; the chain is put in order (leaf first)
+and verifies to the system roots or --ca-file; the leaf is valid now, not
+within 21 days of expiry (a warning), not a weak key, usable for TLS server
+authentication, and covers the host of Mattermost's SiteURL.
+
+Install: fullchain.pem and privkey.pem in <mattermost-dir>/config, owned by
+mattermost, mode 0400, written atomically, never through a link planted in
+that directory, never readable by others for an instant. The previous pair
+and config are backed up in --state-dir.
+
+Config: ServiceSettings ListenAddress, ConnectionSecurity "TLS",
+TLSCertFile, TLSKeyFile and UseLetsEncrypt false are set; every other key
+keeps its value and place. Mattermost's config is --mm-config, else MM_CONFIG
+in the Mattermost service's environment, else <mattermost-dir>/config/config.json.
+
+Running push again with the same input changes nothing.
+
+` + exitCodeHelp,
+		Example: `  # Install certbot's pair; restart Mattermost yourself afterwards.
+  mmtls push --cert /etc/letsencrypt/live/chat.example.com/fullchain.pem \
+             --key /etc/letsencrypt/live/chat.example.com/privkey.pem --no-restart
+
+  # Show what would change, as JSON, without changing anything.
+  mmtls push --cert fullchain.pem --key privkey.pem --dry-run --json
+
+  # A private CA, and a SiteURL that is still http.
+  mmtls push --cert tls.crt --key tls.key --ca-file /etc/pki/corp-root.pem \
+             --site-url https://chat.corp.example --no-restart`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if !o.NoRestart && !o.DryRun {
+				return usageError(fmt.Errorf("restarting Mattermost is not implemented yet: pass --no-restart (and restart Mattermost yourself) or --dry-run"))
+			}
+			p := &agent.Pusher{Logger: a.log}
+			res, err := p.Push(cmd.Context(), o)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				return enc.Encode(res)
+			}
+			return printPush(cmd.OutOrStdout(), res, time.Now())
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.CertFile, "cert", "", "certificate file: the leaf and its intermediates, PEM, any order (required)")
+	f.StringVar(&o.KeyFile, "key", "", "private key file, PEM: PKCS#1, PKCS#8 or SEC1, unencrypted (required)")
+	f.StringVar(&o.MattermostDir, "mattermost-dir", agent.DefaultMattermostDir, "Mattermost's install directory")
+	f.StringVar(&o.MMConfig, "mm-config", "", "Mattermost's config.json (default: MM_CONFIG from its service, else <mattermost-dir>/config/config.json)")
+	f.StringVar(&o.DestDir, "dest-dir", "", "where to install the pair (default <mattermost-dir>/config)")
+	f.StringVar(&o.CertName, "cert-name", agent.DefaultCertName, "installed certificate file name")
+	f.StringVar(&o.KeyName, "key-name", agent.DefaultKeyName, "installed key file name")
+	f.StringVar(&o.Owner, "owner", agent.DefaultOwner, "user that owns the installed files (the user Mattermost runs as)")
+	f.StringVar(&o.Group, "group", "", "group that owns the installed files (default: the owner's primary group)")
+	f.StringVar(&o.Listen, "listen", ":443", "ServiceSettings.ListenAddress to set")
+	f.StringVar(&o.SiteURL, "site-url", "", "set ServiceSettings.SiteURL too (must be https://)")
+	f.StringVar(&o.CAFile, "ca-file", "", "verify the chain against the roots in this PEM file instead of the system roots")
+	f.BoolVar(&o.AllowHostMismatch, "allow-host-mismatch", false, "install even if the certificate does not cover SiteURL's host")
+	f.StringVar(&o.StateDir, "state-dir", agent.DefaultStateDir, "mmtls's own root-owned directory for backups and the lock")
+	f.DurationVar(&o.LockTimeout, "lock-timeout", agent.DefaultLockTimeout, "how long to wait for another mmtls run to finish")
+	f.BoolVar(&o.NoRestart, "no-restart", false, "install and configure only; do not restart Mattermost")
+	f.BoolVar(&o.DryRun, "dry-run", false, "print the plan and change nothing")
+	f.BoolVar(&asJSON, "json", false, "print the result as JSON on stdout")
+	return cmd
+}
+
+func printPush(w io.Writer, res *agent.Result, now time.Time) error {
+	tw := tabwriter.NewWriter(w, 2, 8, 2, ' ', 0)
+	head := map[agent.Status]string{
+		agent.StatusPlanned:   "plan (dry run, nothing changed)",
+		agent.StatusUnchanged: "nothing to do: already in place",
+		agent.StatusChanged:   "installed",
+	}[res.Status]
+	c := res.Certificate
+	fmt.Fprintf(tw, "push:\t%s\n", head)
+	fmt.Fprintf(tw, "certificate:\t%s, names %s\n", c.Subject, strings.Join(c.DNSNames, ", "))
+	fmt.Fprintf(tw, "\tissued by %s, chain of %d\n", c.Issuer, c.ChainLength)
+	fmt.Fprintf(tw, "\texpires %s (in %d days)\n", c.NotAfter.Format(time.RFC3339), int(c.NotAfter.Sub(now).Hours()/24))
+	fmt.Fprintf(tw, "\t%s\n", c.Fingerprint)
+	fmt.Fprintf(tw, "site url:\t%s (from %s)\n", res.SiteURL, res.SiteOrigin)
+	fmt.Fprintf(tw, "files:\towner %s, mode %s\n", res.Owner, res.Mode)
+	for _, f := range res.Files {
+		note := ""
+		if f.Suspicious != "" {
+			note = "  (was a " + f.Suspicious + ": replaced, not followed)"
+		}
+		fmt.Fprintf(tw, "\t%s\t%s%s\n", f.Path, f.Action, note)
+	}
+	fmt.Fprintf(tw, "config:\t%s (%s)\n", res.Config.Path, res.Config.Origin)
+	if len(res.Config.Changes) == 0 {
+		fmt.Fprintf(tw, "\tno change\n")
+	}
+	for _, ch := range res.Config.Changes {
+		old := string(ch.Old)
+		if ch.Old == nil {
+			old = "(absent)"
+		}
+		fmt.Fprintf(tw, "\t%s\t%s -> %s\n", ch.Key, old, ch.New)
+	}
+	if res.BackupDir != "" {
+		fmt.Fprintf(tw, "backup:\t%s\n", res.BackupDir)
+	}
+	for _, wn := range res.Warnings {
+		fmt.Fprintf(tw, "warning:\t%s\n", wn.Message)
+	}
+	return tw.Flush()
+}
+
