@@ -3,7 +3,9 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"net"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -41,9 +43,20 @@ type PushOptions struct {
 	StateDir    string        // --state-dir; "" means DefaultStateDir
 	LockTimeout time.Duration // --lock-timeout; 0 means DefaultLockTimeout
 
-	// Service is the systemd unit whose environment Mattermost sees (and,
-	// later, that is restarted). "" means DefaultService.
+	// Service is the systemd unit Mattermost runs as: its environment is
+	// what Mattermost sees, and it is what gets restarted (unless
+	// RestartCommand is set). "" means DefaultService.
 	Service string
+	// RestartCommand, if set, restarts Mattermost instead of systemctl:
+	// run with /bin/sh -c. Mutually exclusive with Service.
+	RestartCommand string
+	// RestartTimeout bounds the restart. 0 means DefaultRestartTimeout.
+	RestartTimeout time.Duration
+	// VerifyAddress is where to connect to verify (host:port). "" means
+	// the listen address, with 127.0.0.1 for an empty or wildcard host.
+	VerifyAddress string
+	// VerifyTimeout bounds verification. 0 means DefaultVerifyTimeout.
+	VerifyTimeout time.Duration
 
 	NoRestart bool // --no-restart
 	DryRun    bool // --dry-run
@@ -65,6 +78,12 @@ func (o PushOptions) WithDefaults() PushOptions {
 	def(&o.Service, DefaultService)
 	if o.LockTimeout == 0 {
 		o.LockTimeout = DefaultLockTimeout
+	}
+	if o.RestartTimeout == 0 {
+		o.RestartTimeout = DefaultRestartTimeout
+	}
+	if o.VerifyTimeout == 0 {
+		o.VerifyTimeout = DefaultVerifyTimeout
 	}
 	return o
 }
@@ -99,11 +118,37 @@ func (o PushOptions) Validate() error {
 	if o.SiteURL != "" && !strings.HasPrefix(o.SiteURL, "https://") {
 		bad("--site-url %q: must start with https:// (Office 365 / Entra ID accepts only https redirect URIs)", o.SiteURL)
 	}
-	if o.LockTimeout < 0 {
-		bad("--lock-timeout %s: must not be negative", o.LockTimeout)
+	for flag, d := range map[string]time.Duration{"--lock-timeout": o.LockTimeout, "--restart-timeout": o.RestartTimeout, "--verify-timeout": o.VerifyTimeout} {
+		if d < 0 {
+			bad("%s %s: must not be negative", flag, d)
+		}
+	}
+	if o.Service != "" && o.RestartCommand != "" {
+		bad("--service and --restart-command are mutually exclusive: give the systemd unit, or the command that restarts Mattermost")
+	}
+	if o.RestartCommand != "" && strings.TrimSpace(o.RestartCommand) == "" {
+		bad("--restart-command is blank")
+	}
+	if o.NoRestart && o.RestartCommand != "" {
+		bad("--no-restart and --restart-command contradict each other")
+	}
+	if o.VerifyAddress != "" {
+		if _, _, err := net.SplitHostPort(o.VerifyAddress); err != nil {
+			bad("--verify-address %q: want host:port (%v)", o.VerifyAddress, err)
+		}
+	}
+	if o.Listen != "" {
+		if _, port, err := net.SplitHostPort(o.Listen); err != nil || !isNumber(port) {
+			bad("--listen %q: want [host]:port with a numeric port, such as :443", o.Listen)
+		}
 	}
 	if err := errors.Join(errs...); err != nil {
 		return usage(err)
 	}
 	return nil
+}
+
+func isNumber(s string) bool {
+	n, err := strconv.Atoi(s)
+	return err == nil && n >= 0 && n <= 65535
 }

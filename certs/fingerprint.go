@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
+	"encoding/pem"
 	"fmt"
 )
 
@@ -26,4 +27,19 @@ func PublicKeyFingerprint(pub crypto.PublicKey) (string, error) {
 func Fingerprint(c *x509.Certificate) string {
 	sum := sha256.Sum256(c.Raw)
 	return "sha256:" + hex.EncodeToString(sum[:])
+}
+
+// FirstCertificate returns the first certificate in PEM data: the leaf of a
+// file Mattermost serves.
+func FirstCertificate(data []byte) (*x509.Certificate, error) {
+	for {
+		var b *pem.Block
+		b, data = pem.Decode(data)
+		if b == nil {
+			return nil, ErrNoPEM
+		}
+		if b.Type == "CERTIFICATE" {
+			return x509.ParseCertificate(b.Bytes)
+		}
+	}
 }

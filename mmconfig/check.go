@@ -182,3 +182,14 @@ func explain(e *model.AppError, cfg *model.Config) *ConfigError {
 	}
 	return ce
 }
+
+// Effective returns the document's ServiceSettings as Mattermost will see
+// them: decoded into model.Config and defaulted. Other sections are left at
+// their defaults.
+func Effective(doc []byte) (*model.ServiceSettings, error) {
+	cfg, err := decodeService(doc)
+	if err != nil {
+		return nil, err
+	}
+	return &cfg.ServiceSettings, nil
+}

@@ -39,10 +39,26 @@ TLSCertFile, TLSKeyFile and UseLetsEncrypt false are set; every other key
 keeps its value and place. Mattermost's config is --mm-config, else MM_CONFIG
 in the Mattermost service's environment, else <mattermost-dir>/config/config.json.
 
-Running push again with the same input changes nothing.
+Then Mattermost is restarted (systemctl restart <service>, or
+--restart-command) and verified: TLS 1.2 and 1.3 handshakes must present
+exactly the new leaf with a chain that verifies, and /api/v4/system/ping must
+answer OK. If anything after the install fails, the previous pair and config
+are put back, Mattermost is restarted and the previous state verified.
+A push killed half-way is finished or rolled back by the next mmtls run.
+
+Running push again with the same input changes nothing; if Mattermost does
+not serve what is on disk (after --no-restart), it is restarted.
 
 ` + exitCodeHelp,
-		Example: `  # Install certbot's pair; restart Mattermost yourself afterwards.
+		Example: `  # Install certbot's pair, restart Mattermost, verify, roll back on failure.
+  mmtls push --cert /etc/letsencrypt/live/chat.example.com/fullchain.pem \
+             --key /etc/letsencrypt/live/chat.example.com/privkey.pem
+
+  # Another init system.
+  mmtls push --cert fullchain.pem --key privkey.pem \
+             --restart-command 'rc-service mattermost restart'
+
+  # Install only; restart Mattermost yourself afterwards.
   mmtls push --cert /etc/letsencrypt/live/chat.example.com/fullchain.pem \
              --key /etc/letsencrypt/live/chat.example.com/privkey.pem --no-restart
 
@@ -54,20 +70,26 @@ Running push again with the same input changes nothing.
              --site-url https://chat.corp.example --no-restart`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if !o.NoRestart && !o.DryRun {
-				return usageError(fmt.Errorf("restarting Mattermost is not implemented yet: pass --no-restart (and restart Mattermost yourself) or --dry-run"))
+			if cmd.Flags().Changed("service") && o.RestartCommand != "" {
+				return usageError(fmt.Errorf("--service and --restart-command are mutually exclusive"))
+			}
+			if o.RestartCommand != "" {
+				o.Service = "" // the default unit name is not a choice the admin made
 			}
 			p := &agent.Pusher{Logger: a.log}
 			res, err := p.Push(cmd.Context(), o)
-			if err != nil {
-				return err
+			if res != nil {
+				if asJSON {
+					enc := json.NewEncoder(cmd.OutOrStdout())
+					enc.SetIndent("", "  ")
+					if err := enc.Encode(res); err != nil {
+						return err
+					}
+				} else if err := printPush(cmd.OutOrStdout(), res, time.Now()); err != nil {
+					return err
+				}
 			}
-			if asJSON {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(res)
-			}
-			return printPush(cmd.OutOrStdout(), res, time.Now())
+			return err
 		},
 	}
 	f := cmd.Flags()
@@ -86,6 +108,11 @@ Running push again with the same input changes nothing.
 	f.BoolVar(&o.AllowHostMismatch, "allow-host-mismatch", false, "install even if the certificate does not cover SiteURL's host")
 	f.StringVar(&o.StateDir, "state-dir", agent.DefaultStateDir, "mmtls's own root-owned directory for backups and the lock")
 	f.DurationVar(&o.LockTimeout, "lock-timeout", agent.DefaultLockTimeout, "how long to wait for another mmtls run to finish")
+	f.StringVar(&o.Service, "service", agent.DefaultService, "systemd unit Mattermost runs as: restarted with systemctl, and its environment read")
+	f.StringVar(&o.RestartCommand, "restart-command", "", "restart Mattermost with this command (run by /bin/sh -c) instead of systemctl")
+	f.DurationVar(&o.RestartTimeout, "restart-timeout", agent.DefaultRestartTimeout, "how long the restart may take")
+	f.StringVar(&o.VerifyAddress, "verify-address", "", "where to connect to verify, host:port (default: the listen address, on loopback)")
+	f.DurationVar(&o.VerifyTimeout, "verify-timeout", agent.DefaultVerifyTimeout, "how long Mattermost may take to serve the new certificate")
 	f.BoolVar(&o.NoRestart, "no-restart", false, "install and configure only; do not restart Mattermost")
 	f.BoolVar(&o.DryRun, "dry-run", false, "print the plan and change nothing")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON on stdout")
@@ -95,10 +122,19 @@ Running push again with the same input changes nothing.
 func printPush(w io.Writer, res *agent.Result, now time.Time) error {
 	tw := tabwriter.NewWriter(w, 2, 8, 2, ' ', 0)
 	head := map[agent.Status]string{
-		agent.StatusPlanned:   "plan (dry run, nothing changed)",
-		agent.StatusUnchanged: "nothing to do: already in place",
-		agent.StatusChanged:   "installed",
+		agent.StatusPlanned:    "plan (dry run, nothing changed)",
+		agent.StatusUnchanged:  "nothing to do: already in place",
+		agent.StatusChanged:    "installed",
+		agent.StatusRestarted:  "already in place; Mattermost restarted to serve it",
+		agent.StatusRolledBack: "FAILED and rolled back: the previous certificate and config are in force (see the error below)",
+		agent.StatusFailed:     "FAILED (see the error below)",
 	}[res.Status]
+	if res.Status == agent.StatusChanged && res.Verified {
+		head = "installed, Mattermost restarted and verified"
+	}
+	if res.Recovered != "" {
+		fmt.Fprintf(tw, "recovered:\t%s\n", res.Recovered)
+	}
 	c := res.Certificate
 	fmt.Fprintf(tw, "push:\t%s\n", head)
 	fmt.Fprintf(tw, "certificate:\t%s, names %s\n", c.Subject, strings.Join(c.DNSNames, ", "))
@@ -125,6 +161,17 @@ func printPush(w io.Writer, res *agent.Result, now time.Time) error {
 		}
 		fmt.Fprintf(tw, "\t%s\t%s -> %s\n", ch.Key, old, ch.New)
 	}
+	if res.BindPrivilege != "" {
+		fmt.Fprintf(tw, "bind:\t%s\n", res.BindPrivilege)
+	}
+	if res.Verified {
+		fmt.Fprintf(tw, "verified:\tTLS 1.2 and 1.3 handshakes present this certificate; /api/v4/system/ping answers OK\n")
+	}
+	if res.Restarted && res.Verified {
+		t := res.Timings
+		fmt.Fprintf(tw, "timings:\tmmtls %.0f ms (plan %.0f, install %.0f, config %.0f); restart %.0f ms; until verified %.0f ms\n",
+			t.Plan+t.Install+t.Configure, t.Plan, t.Install, t.Configure, t.Restart, t.Verify)
+	}
 	if res.BackupDir != "" {
 		fmt.Fprintf(tw, "backup:\t%s\n", res.BackupDir)
 	}
@@ -133,4 +180,3 @@ func printPush(w io.Writer, res *agent.Result, now time.Time) error {
 	}
 	return tw.Flush()
 }
-

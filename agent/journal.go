@@ -1,0 +1,111 @@
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/mmtls/mmtls/certs"
+)
+
+const journalName = "journal.json"
+
+// step is how far a push got. The journal is rewritten (atomically, synced)
+// before each step starts, so a push killed at any instant leaves a record
+// of what may be half done.
+type step string
+
+const (
+	stepInstalling  step = "installing"  // files may be partly replaced
+	stepConfiguring step = "configuring" // files replaced; config may be written
+	stepRestarting  step = "restarting"  // files and config in place
+	stepRollingBack step = "rolling-back"
+)
+
+// journal records a push in progress in the state directory.
+type journal struct {
+	Version int         `json:"version"`
+	PID     int         `json:"pid"`
+	Started time.Time   `json:"started"`
+	Step    step        `json:"step"`
+	Options PushOptions `json:"options"`
+
+	DestDir   string             `json:"dest_dir"`
+	BackupDir string             `json:"backup_dir"`
+	Files     []certs.FileResult `json:"files"`
+
+	ConfigPath   string          `json:"config_path"`
+	ConfigBackup string          `json:"config_backup,omitempty"`
+	ConfigAttrs  certs.FileAttrs `json:"config_attrs"`
+
+	New        Expectation `json:"new"`
+	Old        Expectation `json:"old"`
+	OldServing bool        `json:"old_serving"`
+
+	dir string
+}
+
+func (j *journal) save(s step) error {
+	j.Step = s
+	data, err := json.MarshalIndent(j, "", "  ")
+	if err != nil {
+		return err
+	}
+	d, err := certs.OpenDir(j.dir)
+	if err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	defer d.Close()
+	if err := d.WriteFile(journalName, data, certs.FileAttrs{UID: os.Geteuid(), GID: os.Getegid(), Mode: 0o600}); err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	return nil
+}
+
+// finish removes the journal: the push is over, one way or the other.
+func (j *journal) finish() error {
+	if err := os.Remove(filepath.Join(j.dir, journalName)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("journal: %w", err)
+	}
+	return nil
+}
+
+// loadJournal returns the journal an interrupted push left, or nil.
+func loadJournal(stateDir string) (*journal, error) {
+	data, err := os.ReadFile(filepath.Join(stateDir, journalName))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	j := &journal{dir: stateDir}
+	if err := json.Unmarshal(data, j); err != nil {
+		return nil, fmt.Errorf("journal %q is corrupt (%w); inspect it, then remove it to continue", filepath.Join(stateDir, journalName), err)
+	}
+	return j, nil
+}
+
+// filesToRestore completes the journal's file list: backups are all written
+// before the first rename, so a backup that exists means its file may have
+// been replaced, and one that doesn't means it was not.
+func (j *journal) filesToRestore() []certs.FileResult {
+	out := make([]certs.FileResult, 0, len(j.Files))
+	for _, f := range j.Files {
+		if f.Previous != nil && f.Previous.Backup == "" {
+			b := filepath.Join(j.BackupDir, f.Name)
+			if _, err := os.Stat(b); err != nil {
+				continue
+			}
+			p := *f.Previous
+			p.Backup = b
+			f.Previous = &p
+		}
+		out = append(out, f)
+	}
+	return out
+}

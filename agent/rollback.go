@@ -1,0 +1,129 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/mmtls/mmtls/certs"
+)
+
+// rollback puts back the previous pair and config recorded in j and, if
+// restart, restarts Mattermost and verifies the previous state. It returns
+// an error wrapping ErrRolledBack (with cause) or ErrRollbackFailed (saying
+// what is on disk). The journal is removed only after a rollback that
+// worked, so a failed one is tried again by the next run.
+func (p *Pusher) rollback(ctx context.Context, j *journal, cause error, restart bool) error {
+	log := p.log()
+	log.Warn("rolling back", "cause", cause)
+	// The rollback must run to the end even if the push's context was
+	// cancelled (SIGTERM mid-push): give it its own deadline.
+	o := j.Options
+	budget := o.RestartTimeout + o.VerifyTimeout + time.Minute
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), budget)
+	defer cancel()
+
+	var errs []error
+	if err := j.save(stepRollingBack); err != nil {
+		errs = append(errs, err)
+	}
+	if err := certs.Restore(rctx, j.DestDir, j.filesToRestore()); err != nil {
+		errs = append(errs, err)
+	}
+	if err := restoreConfig(j); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return &outcome{kind: ErrRollbackFailed, err: fmt.Errorf("%w; rollback failed: %w; on disk now: %s may hold the new or the previous pair, "+
+			"%s the new or the previous config; the previous files are in %s", cause, err, j.DestDir, j.ConfigPath, j.BackupDir)}
+	}
+	log.Info("previous certificate, key and config are back on disk", "dir", j.DestDir, "config", j.ConfigPath)
+
+	note := ""
+	if restart && !o.NoRestart {
+		if err := p.manager(o).Restart(rctx); err != nil {
+			return &outcome{kind: ErrRollbackFailed, err: fmt.Errorf("%w; rollback: the previous certificate, key and config are back on disk, "+
+				"but restarting Mattermost failed: %w", cause, err)}
+		}
+		if j.OldServing {
+			if err := p.verifier(o).Wait(rctx, j.Old); err != nil {
+				return &outcome{kind: ErrRollbackFailed, err: fmt.Errorf("%w; rollback: the previous certificate, key and config are back on disk "+
+					"and Mattermost was restarted, but it does not serve the previous state: %w", cause, err)}
+			}
+			note = "; verified: Mattermost serves " + j.Old.String() + " again"
+		} else {
+			note = "; Mattermost was restarted but not verified: it was not answering before this push either"
+		}
+	}
+	if err := j.finish(); err != nil {
+		log.Warn("could not remove the journal", "err", err)
+	}
+	return &outcome{kind: ErrRolledBack, err: fmt.Errorf("%w; rolled back: the previous certificate and config are in force again%s", cause, note)}
+}
+
+// restoreConfig writes the config backup, if one was made, over the config.
+func restoreConfig(j *journal) error {
+	if j.ConfigBackup == "" {
+		return nil
+	}
+	data, err := os.ReadFile(j.ConfigBackup)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil // the config was never written
+	}
+	if err != nil {
+		return fmt.Errorf("read config backup: %w", err)
+	}
+	d, err := certs.OpenDir(filepath.Dir(j.ConfigPath))
+	if err != nil {
+		return fmt.Errorf("restore mattermost config: %w", err)
+	}
+	defer d.Close()
+	name := filepath.Base(j.ConfigPath)
+	attrs := j.ConfigAttrs
+	if _, st, err := d.ReadFile(name, maxConfigSize); err == nil {
+		attrs = st.FileAttrs // Mattermost may have rewritten it since
+	}
+	if err := d.WriteFile(name, data, attrs); err != nil {
+		return fmt.Errorf("restore mattermost config: %w", err)
+	}
+	return nil
+}
+
+// recover finishes or rolls back a push that an earlier run left half-way,
+// as its journal says, and returns what it did ("" if there was nothing).
+// Files were only partly replaced, or the config not yet written: roll
+// back. Files and config were in place: restart and verify, and roll back
+// if that fails.
+func (p *Pusher) recover(ctx context.Context, stateDir string) (string, error) {
+	j, err := loadJournal(stateDir)
+	if err != nil || j == nil {
+		return "", err
+	}
+	o := j.Options
+	what := fmt.Sprintf("a push interrupted at step %q (pid %d, started %s)", j.Step, j.PID, j.Started.Format(time.RFC3339))
+	p.log().Warn("recovering an interrupted push", "step", j.Step, "pid", j.PID, "started", j.Started)
+	interrupted := errors.New(what)
+	switch j.Step {
+	case stepRestarting:
+		if o.NoRestart {
+			return what + " had finished (--no-restart); its journal was removed", j.finish()
+		}
+		if err := p.restartAndVerify(ctx, o, j.New, nil); err != nil {
+			rb := p.rollback(ctx, j, fmt.Errorf("completing %s: %w", what, err), true)
+			if errors.Is(rb, ErrRolledBack) {
+				return rb.Error(), nil
+			}
+			return "", rb
+		}
+		return what + " was completed: Mattermost restarted and serves " + j.New.String(), j.finish()
+	default:
+		rb := p.rollback(ctx, j, interrupted, j.Step == stepRollingBack)
+		if errors.Is(rb, ErrRolledBack) {
+			return rb.Error(), nil
+		}
+		return "", rb
+	}
+}

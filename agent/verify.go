@@ -1,0 +1,221 @@
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/mmtls/mmtls/certs"
+)
+
+// Verification defaults.
+const (
+	DefaultVerifyTimeout = 3 * time.Minute
+	// verifyStepTimeout bounds each dial, handshake and ping.
+	verifyStepTimeout = 5 * time.Second
+	// verifyInterval is the pause between attempts.
+	verifyInterval = 250 * time.Millisecond
+)
+
+// Expectation is what a verified Mattermost serves. It is plain data, kept
+// in the journal so an interrupted push can be verified by the next run.
+type Expectation struct {
+	// Addr is where to connect, host:port.
+	Addr string `json:"addr"`
+	// TLS is false for a plain-HTTP Mattermost (before its first push).
+	TLS bool `json:"tls"`
+	// ServerName is the SNI sent and the name the chain is verified for.
+	ServerName string `json:"server_name"`
+	// Leaf is the fingerprint (certs.Fingerprint) the server must present.
+	// Empty accepts any leaf.
+	Leaf string `json:"leaf,omitempty"`
+	// CAFile holds the roots to verify against; empty means the system roots.
+	CAFile string `json:"ca_file,omitempty"`
+	// SkipHostCheck verifies the chain without the server name (a push
+	// made with --allow-host-mismatch).
+	SkipHostCheck bool `json:"skip_host_check,omitempty"`
+	// SkipChainCheck checks only the leaf's fingerprint (the old state
+	// after a rollback is what it was, trusted or not).
+	SkipChainCheck bool `json:"skip_chain_check,omitempty"`
+	// PingPath is SiteURL's path followed by /api/v4/system/ping.
+	PingPath string `json:"ping_path"`
+}
+
+func (e Expectation) String() string {
+	if !e.TLS {
+		return "plain HTTP on " + e.Addr
+	}
+	if e.Leaf == "" {
+		return "TLS on " + e.Addr
+	}
+	return "TLS on " + e.Addr + " with certificate " + e.Leaf
+}
+
+// Verifier checks that Mattermost serves what it should, with real TLS
+// handshakes and Mattermost's own health endpoint. Safe for concurrent use.
+type Verifier struct {
+	// Timeout bounds Wait. 0 means DefaultVerifyTimeout.
+	Timeout time.Duration
+	// Logger receives progress. Nil discards.
+	Logger *slog.Logger
+	// Now is the clock chains are verified at. Nil means time.Now.
+	Now func() time.Time
+}
+
+// Wait retries Check until it succeeds or Timeout passes, and returns the
+// last failure. A Mattermost that keeps its port bound but never completes a
+// handshake (6.7.2 with a key it cannot use) fails here.
+func (v *Verifier) Wait(ctx context.Context, exp Expectation) error {
+	timeout := orDefault(v.Timeout, DefaultVerifyTimeout)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	t := time.NewTimer(0)
+	defer t.Stop()
+	var last error
+	for attempt := 1; ; attempt++ {
+		select {
+		case <-ctx.Done():
+			if last == nil {
+				last = ctx.Err()
+			}
+			return fmt.Errorf("verify %s: not verified after %s (%d attempts): %w", exp, timeout, attempt-1, last)
+		case <-t.C:
+		}
+		last = v.Check(ctx, exp)
+		if last == nil {
+			logger(v.Logger).Info("verified", "expect", exp.String(), "attempts", attempt)
+			return nil
+		}
+		if attempt == 1 {
+			logger(v.Logger).Info("waiting for mattermost", "expect", exp.String(), "err", last)
+		}
+		t.Reset(verifyInterval)
+	}
+}
+
+// Check makes one attempt: for TLS, a handshake at TLS 1.3 and one at 1.2
+// (an ECDSA key with RSA-only TLSOverwriteCiphers fails only at 1.2), each
+// presenting exactly the expected leaf and a chain that verifies; then the
+// ping, which must answer 200 with "status":"OK".
+func (v *Verifier) Check(ctx context.Context, exp Expectation) error {
+	var tc *tls.Config
+	if exp.TLS {
+		var roots *x509.CertPool
+		if exp.CAFile != "" && !exp.SkipChainCheck {
+			var err error
+			if roots, err = loadRoots(exp.CAFile); err != nil {
+				return err
+			}
+		}
+		tc = &tls.Config{
+			ServerName:         exp.ServerName,
+			InsecureSkipVerify: true, // verified below, to say exactly what is wrong
+			VerifyConnection: func(cs tls.ConnectionState) error {
+				return v.verifyPeer(cs, exp, roots)
+			},
+		}
+		for _, ver := range []uint16{tls.VersionTLS13, tls.VersionTLS12} {
+			c := tc.Clone()
+			c.MinVersion, c.MaxVersion = ver, ver
+			if err := handshake(ctx, exp.Addr, c); err != nil {
+				return fmt.Errorf("%s handshake with %s: %w", tls.VersionName(ver), exp.Addr, err)
+			}
+		}
+	}
+	return ping(ctx, exp, tc)
+}
+
+func (v *Verifier) verifyPeer(cs tls.ConnectionState, exp Expectation, roots *x509.CertPool) error {
+	if len(cs.PeerCertificates) == 0 {
+		return errors.New("server presented no certificate")
+	}
+	leaf := cs.PeerCertificates[0]
+	if got := certs.Fingerprint(leaf); exp.Leaf != "" && got != exp.Leaf {
+		return fmt.Errorf("server presents certificate %s (%s, expires %s), want %s",
+			got, leaf.Subject, leaf.NotAfter.UTC().Format(time.RFC3339), exp.Leaf)
+	}
+	if exp.SkipChainCheck {
+		return nil
+	}
+	inter := x509.NewCertPool()
+	for _, c := range cs.PeerCertificates[1:] {
+		inter.AddCert(c)
+	}
+	now := time.Now
+	if v.Now != nil {
+		now = v.Now
+	}
+	opts := x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now()}
+	if !exp.SkipHostCheck {
+		opts.DNSName = exp.ServerName
+	}
+	if _, err := leaf.Verify(opts); err != nil {
+		return fmt.Errorf("served chain does not verify: %w", err)
+	}
+	return nil
+}
+
+func handshake(ctx context.Context, addr string, c *tls.Config) error {
+	ctx, cancel := context.WithTimeout(ctx, verifyStepTimeout)
+	defer cancel()
+	d := &tls.Dialer{Config: c}
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return err
+	}
+	return conn.Close()
+}
+
+// ping asks Mattermost's health endpoint, connecting to exp.Addr whatever
+// the URL's host, so SiteURL's name need not resolve here.
+func ping(ctx context.Context, exp Expectation, tc *tls.Config) error {
+	ctx, cancel := context.WithTimeout(ctx, verifyStepTimeout)
+	defer cancel()
+	dialer := &net.Dialer{}
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return dialer.DialContext(ctx, network, exp.Addr)
+		},
+		TLSClientConfig:   tc,
+		DisableKeepAlives: true,
+		Proxy:             nil,
+	}
+	defer tr.CloseIdleConnections()
+	scheme, host := "http", exp.Addr
+	if exp.TLS {
+		scheme, host = "https", exp.ServerName
+	}
+	url := scheme + "://" + host + exp.PingPath
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return fmt.Errorf("ping: %w", err)
+	}
+	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if err != nil {
+		return fmt.Errorf("ping %s via %s: %w", url, exp.Addr, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if err != nil {
+		return fmt.Errorf("ping %s: read: %w", url, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("ping %s: HTTP %d: %s", url, resp.StatusCode, strings.TrimSpace(string(body)))
+	}
+	var st struct {
+		Status string `json:"status"`
+	}
+	if err := json.Unmarshal(body, &st); err != nil || st.Status != "OK" {
+		return fmt.Errorf("ping %s: status %q, want \"OK\" (body %.200s)", url, st.Status, body)
+	}
+	return nil
+}
