@@ -1,0 +1,231 @@
+package test
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/mmtls/mmtls/test/fixture"
+)
+
+// node is one throwaway Mattermost node: a tree, a stand-in serving it, and
+// the flags that point mmtls at it.
+type node struct {
+	t      *testing.T
+	tree   *fixture.Tree
+	listen string // the ListenAddress the stand-in starts with
+}
+
+func newNode(t *testing.T, extra ...string) *node {
+	t.Helper()
+	root, err := os.MkdirTemp("", "mmtls-e2e-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(root) })
+	// The stand-in runs as mattermost and must reach its directory.
+	if err := os.Chmod(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	listen, err := fixture.PickPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tree, err := fixture.NewTree(root, mmUser, mmUID, mmGID, listen, "https://"+fixture.SiteHost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := &node{t: t, tree: tree, listen: listen}
+	if err := tree.RunCtl(context.Background(), standinBin, "start", extra...); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := tree.RunCtl(context.Background(), standinBin, "stop"); err != nil {
+			t.Errorf("stop stand-in: %v", err)
+		}
+		if t.Failed() {
+			t.Logf("stand-in log:\n%s", tree.ServiceLog())
+		}
+	})
+	n.waitPlain(listen)
+	return n
+}
+
+// pushArgs are the flags that point mmtls at this node.
+func (n *node) pushArgs(p *fixture.Pair, caFile string, extra ...string) []string {
+	args := []string{"push", "--cert", p.CertFile, "--key", p.KeyFile,
+		"--mattermost-dir", n.tree.MattermostDir, "--state-dir", n.tree.StateDir,
+		"--ca-file", caFile, "--owner", mmUser,
+		"--verify-timeout", "20s", "--lock-timeout", "10s"}
+	return append(args, extra...)
+}
+
+// restartCmd is a --restart-command that records config.json as mmtls left
+// it (the stand-in rewrites it at start, as Mattermost does), counts
+// restarts, then restarts the stand-in.
+func (n *node) restartCmd(extra ...string) string {
+	snap := filepath.Join(n.tree.Root, "config-before-restart.json")
+	count := filepath.Join(n.tree.Root, "restarts")
+	return fmt.Sprintf("cp %s %s && echo restart >> %s && %s", n.tree.ConfigPath, snap, count,
+		n.tree.StandinCtl(standinBin, "restart", extra...))
+}
+
+func (n *node) restarts() int {
+	b, _ := os.ReadFile(filepath.Join(n.tree.Root, "restarts"))
+	return strings.Count(string(b), "restart")
+}
+
+// waitPlain waits until the stand-in answers its ping over plain HTTP.
+func (n *node) waitPlain(addr string) {
+	n.t.Helper()
+	waitFor(n.t, 20*time.Second, func() error {
+		c := &http.Client{Timeout: 2 * time.Second}
+		resp, err := c.Get("http://" + addr + "/api/v4/system/ping")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return fmt.Errorf("HTTP %d", resp.StatusCode)
+		}
+		return nil
+	})
+}
+
+// served returns the SHA-256 fingerprint of the leaf served at addr.
+func served(addr string) (string, error) {
+	d := &net.Dialer{Timeout: 3 * time.Second}
+	conn, err := tls.DialWithDialer(d, "tcp", addr, &tls.Config{ServerName: fixture.SiteHost, InsecureSkipVerify: true})
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	sum := sha256.Sum256(conn.ConnectionState().PeerCertificates[0].Raw)
+	return "sha256:" + hex.EncodeToString(sum[:]), nil
+}
+
+func fingerprint(p *fixture.Pair) string {
+	sum := sha256.Sum256(p.Chain.Leaf.Cert.Raw)
+	return "sha256:" + hex.EncodeToString(sum[:])
+}
+
+func assertServes(t *testing.T, addr string, p *fixture.Pair) {
+	t.Helper()
+	got, err := served(addr)
+	if err != nil {
+		t.Fatalf("TLS handshake with %s: %v", addr, err)
+	}
+	if want := fingerprint(p); got != want {
+		t.Fatalf("%s serves %s, want %s", addr, got, want)
+	}
+}
+
+// waitFor polls cond until it returns nil or the timeout passes.
+func waitFor(t *testing.T, timeout time.Duration, cond func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("condition not met after %s: %v", timeout, err)
+		}
+		<-tick.C
+	}
+}
+
+// result is what one mmtls run printed and returned.
+type result struct {
+	code           int
+	stdout, stderr string
+}
+
+func (r result) String() string {
+	return fmt.Sprintf("exit %d\nstdout:\n%s\nstderr:\n%s", r.code, r.stdout, r.stderr)
+}
+
+func runMMTLS(t *testing.T, args ...string) result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, mmtlsBin, args...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	r := result{stdout: out.String(), stderr: errb.String()}
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+	case errors.As(err, &ee):
+		r.code = ee.ExitCode()
+	default:
+		t.Fatalf("run mmtls: %v", err)
+	}
+	return r
+}
+
+// pushJSON runs a push with --json and decodes its result.
+func pushJSON(t *testing.T, args ...string) (result, map[string]any) {
+	t.Helper()
+	r := runMMTLS(t, append(args, "--json")...)
+	var m map[string]any
+	if r.stdout != "" {
+		if err := json.Unmarshal([]byte(r.stdout), &m); err != nil {
+			t.Fatalf("decode --json output: %v\n%s", err, r)
+		}
+	}
+	return r, m
+}
+
+// fileState is a file's content, owner and mode, to compare before/after.
+type fileState struct {
+	data     string
+	uid, gid uint32
+	mode     uint32
+}
+
+func stateOf(t *testing.T, path string) fileState {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fileState{data: "<" + err.Error() + ">"}
+	}
+	fi, err := os.Lstat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	return fileState{data: string(b), uid: st.Uid, gid: st.Gid, mode: st.Mode}
+}
+
+// holdPort listens on a fresh loopback port and never answers: connections
+// are accepted by the kernel and then nothing happens, as with a wedged
+// server. It is closed at the end of the test.
+func holdPort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln.Addr().String()
+}
+
