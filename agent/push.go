@@ -147,7 +147,7 @@ func (p *Pusher) Push(ctx context.Context, o PushOptions) (*Result, error) {
 			return nil, err
 		}
 		defer lock.release()
-		if recovered, err = p.recover(ctx, o.StateDir); err != nil {
+		if recovered, err = p.recover(ctx, o); err != nil {
 			return nil, err
 		}
 	}

@@ -96,20 +96,24 @@ func restoreConfig(j *journal) error {
 // as its journal says, and returns what it did ("" if there was nothing).
 // Files were only partly replaced, or the config not yet written: roll
 // back. Files and config were in place: restart and verify, and roll back
-// if that fails.
-func (p *Pusher) recover(ctx context.Context, stateDir string) (string, error) {
-	j, err := loadJournal(stateDir)
+// if that fails. Mattermost is restarted and verified the way the current
+// run o says (its restart command may have been what hung).
+func (p *Pusher) recover(ctx context.Context, cur PushOptions) (string, error) {
+	j, err := loadJournal(cur.StateDir)
 	if err != nil || j == nil {
 		return "", err
 	}
 	o := j.Options
+	o.Service, o.RestartCommand, o.NoRestart = cur.Service, cur.RestartCommand, cur.NoRestart
+	o.RestartTimeout, o.VerifyTimeout = cur.RestartTimeout, cur.VerifyTimeout
+	j.Options = o
 	what := fmt.Sprintf("a push interrupted at step %q (pid %d, started %s)", j.Step, j.PID, j.Started.Format(time.RFC3339))
 	p.log().Warn("recovering an interrupted push", "step", j.Step, "pid", j.PID, "started", j.Started)
 	interrupted := errors.New(what)
 	switch j.Step {
 	case stepRestarting:
 		if o.NoRestart {
-			return what + " had finished (--no-restart); its journal was removed", j.finish()
+			return what + ": its files and config are in place; Mattermost was not restarted (--no-restart)", j.finish()
 		}
 		if err := p.restartAndVerify(ctx, o, j.New, nil); err != nil {
 			rb := p.rollback(ctx, j, fmt.Errorf("completing %s: %w", what, err), true)

@@ -228,4 +228,3 @@ func holdPort(t *testing.T) string {
 	t.Cleanup(func() { ln.Close() })
 	return ln.Addr().String()
 }
-
