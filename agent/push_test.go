@@ -1,0 +1,191 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mmtls/mmtls/certs"
+	"github.com/mmtls/mmtls/test/fixture"
+)
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("needs root; CI runs as root")
+		}
+		t.Skip("needs root")
+	}
+}
+
+// tree makes a throwaway install owned by uid 4242 (no such user needed).
+func tree(t *testing.T) (*fixture.Tree, *fixture.Pair) {
+	t.Helper()
+	requireRoot(t)
+	tr, err := fixture.NewTree(t.TempDir(), "4242", 4242, 4242, "127.0.0.1:8065", "https://"+fixture.SiteHost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := fixture.WritePair(filepath.Join(tr.Root, "src"), time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tr, p
+}
+
+func opts(tr *fixture.Tree, p *fixture.Pair) PushOptions {
+	return PushOptions{CertFile: p.CertFile, KeyFile: p.KeyFile, MattermostDir: tr.MattermostDir,
+		StateDir: tr.StateDir, CAFile: p.RootFile, Owner: "4242", NoRestart: true, LockTimeout: time.Second}
+}
+
+// Overrides of owned keys in the service environment would silently win
+// over config.json: refused, naming the variable and the file.
+func TestPushRefusesEnvironmentOverrides(t *testing.T) {
+	tr, p := tree(t)
+	dropin := filepath.Join(tr.UnitDir, "mattermost.service.d", "override.conf")
+	os.MkdirAll(filepath.Dir(dropin), 0o755)
+	os.WriteFile(filepath.Join(tr.UnitDir, "mattermost.service"), []byte("[Service]\nExecStart=/opt/mattermost/bin/mattermost\n"), 0o644)
+	os.WriteFile(dropin, []byte("[Service]\nEnvironment=MM_SERVICESETTINGS_LISTENADDRESS=:8065\n"), 0o644)
+	pu := &Pusher{UnitDirs: []string{tr.UnitDir}}
+	_, err := pu.Push(context.Background(), opts(tr, p))
+	want := `MM_SERVICESETTINGS_LISTENADDRESS=":8065" in Mattermost's service environment (` + dropin + `:2) overrides ServiceSettings.ListenAddress`
+	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), want) {
+		t.Errorf("Push = %v\nwant refusal containing %s", err, want)
+	}
+
+	// MM_CONFIG pointing at a database: not supported yet, said plainly.
+	os.WriteFile(dropin, []byte("[Service]\nEnvironment=MM_CONFIG=postgres://mmuser@db/mattermost\n"), 0o644)
+	_, err = pu.Push(context.Background(), opts(tr, p))
+	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "config in the database is not supported yet") {
+		t.Errorf("database config: %v", err)
+	}
+}
+
+// A journal left at the install step (the run was killed while renaming)
+// is rolled back by the next run, which says so.
+func TestPushRecoversInterruptedInstall(t *testing.T) {
+	tr, p := tree(t)
+	ctx := context.Background()
+	o := opts(tr, p)
+	if _, err := (&Pusher{}).Push(ctx, o); err != nil {
+		t.Fatal(err)
+	}
+	key := filepath.Join(tr.ConfigDir, "privkey.pem")
+	oldKey, _ := os.ReadFile(key)
+
+	// Simulate the killed run: backups written, one file replaced, journal
+	// at "installing".
+	backups := filepath.Join(tr.StateDir, "backups", "killed")
+	os.MkdirAll(backups, 0o700)
+	os.WriteFile(filepath.Join(backups, "privkey.pem"), oldKey, 0o600)
+	half := []byte("a key from the killed run\n")
+	os.WriteFile(key, half, 0o400)
+	j := &journal{Version: 1, PID: 1, Started: time.Now(), Options: o.WithDefaults(), DestDir: tr.ConfigDir, BackupDir: backups,
+		Files: []certs.FileResult{{Name: "privkey.pem", Path: key, Action: certs.ActionReplace,
+			Previous: &certs.Previous{UID: 4242, GID: 4242, Mode: 0o400}}},
+		ConfigPath: tr.ConfigPath, dir: tr.StateDir}
+	if err := j.save(stepInstalling); err != nil {
+		t.Fatal(err)
+	}
+
+	res, err := (&Pusher{}).Push(ctx, o)
+	if err != nil {
+		t.Fatalf("next run: %v", err)
+	}
+	if !strings.Contains(res.Recovered, `a push interrupted at step "installing"`) || !strings.Contains(res.Recovered, "rolled back") {
+		t.Errorf("Recovered = %q", res.Recovered)
+	}
+	if got, _ := os.ReadFile(key); string(got) != string(oldKey) {
+		t.Errorf("key after recovery = %q, want the previous one", got)
+	}
+	if res.Status != StatusUnchanged {
+		t.Errorf("status after recovery = %s", res.Status)
+	}
+}
+
+// A corrupt journal stops pushes with a message saying what to do.
+func TestPushCorruptJournal(t *testing.T) {
+	tr, p := tree(t)
+	os.MkdirAll(tr.StateDir, 0o700)
+	os.WriteFile(filepath.Join(tr.StateDir, journalName), []byte("{"), 0o600)
+	_, err := (&Pusher{}).Push(context.Background(), opts(tr, p))
+	if err == nil || !strings.Contains(err.Error(), "is corrupt") || !strings.Contains(err.Error(), "remove it to continue") {
+		t.Errorf("corrupt journal: %v", err)
+	}
+}
+
+// The state directory holds backups of keys: it must be root's alone.
+func TestPushRefusesLooseStateDir(t *testing.T) {
+	tr, p := tree(t)
+	os.MkdirAll(tr.StateDir, 0o777)
+	os.Chmod(tr.StateDir, 0o777)
+	_, err := (&Pusher{}).Push(context.Background(), opts(tr, p))
+	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "must not be writable by group or others") {
+		t.Errorf("world-writable state dir: %v", err)
+	}
+}
+
+func TestPushResultJSON(t *testing.T) {
+	tr, p := tree(t)
+	o := opts(tr, p)
+	o.DryRun = true
+	res, err := (&Pusher{}).Push(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := json.Marshal(res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range []string{`"status":"planned"`, `"fingerprint":"sha256:`, `"action":"create"`, `"key":"ServiceSettings.ListenAddress"`} {
+		if !strings.Contains(string(b), key) {
+			t.Errorf("JSON lacks %s:\n%s", key, b)
+		}
+	}
+}
+
+func TestSetBindCapability(t *testing.T) {
+	requireRoot(t)
+	bin := filepath.Join(t.TempDir(), "mattermost")
+	os.WriteFile(bin, []byte("#!/bin/sh\n"), 0o755)
+	changed, err := setBindCapability(bin)
+	if errors.Is(err, unix.ENOTSUP) || errors.Is(err, unix.EOPNOTSUPP) {
+		t.Skipf("file system has no file capabilities: %v", err)
+	}
+	if err != nil || !changed {
+		t.Fatalf("setBindCapability = %v, %v", changed, err)
+	}
+	buf := make([]byte, 64)
+	n, err := unix.Getxattr(bin, "security.capability", buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// revision 2 with the effective bit; permitted has bit 10.
+	if n != 20 || buf[3] != 0x02 || buf[0]&1 != 1 || buf[5]&(1<<2) == 0 {
+		t.Errorf("security.capability = % x", buf[:n])
+	}
+	if changed, err := setBindCapability(bin); err != nil || changed {
+		t.Errorf("second call = %v, %v; want no change", changed, err)
+	}
+}
+
+func TestUnitGrants(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "mattermost.service"), []byte("[Service]\nUser=mattermost\n"), 0o644)
+	if unitGrants([]string{dir}, "mattermost") {
+		t.Error("unit without AmbientCapabilities reported as granting")
+	}
+	os.MkdirAll(filepath.Join(dir, "mattermost.service.d"), 0o755)
+	os.WriteFile(filepath.Join(dir, "mattermost.service.d", "cap.conf"), []byte("[Service]\nAmbientCapabilities=CAP_NET_BIND_SERVICE\n"), 0o644)
+	if !unitGrants([]string{dir}, "mattermost") {
+		t.Error("drop-in with AmbientCapabilities not seen")
+	}
+}
