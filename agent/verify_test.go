@@ -93,7 +93,11 @@ func TestVerifierCheck(t *testing.T) {
 		{"serves another leaf", other.expect(good), "server presents certificate " + certs.Fingerprint(f.chain.Leaf.Cert)},
 		{"untrusted chain", func() Expectation { e := f.expect(good); e.CAFile = other.caFile; return e }(), "served chain does not verify"},
 		{"wrong name", func() Expectation { e := f.expect(good); e.ServerName = "other.example"; return e }(), "served chain does not verify"},
-		{"wrong name allowed", func() Expectation { e := f.expect(good); e.ServerName, e.SkipHostCheck = "other.example", true; return e }(), ""},
+		{"wrong name allowed", func() Expectation {
+			e := f.expect(good)
+			e.ServerName, e.SkipHostCheck = "other.example", true
+			return e
+		}(), ""},
 		{"no TLS 1.2", f.expect(tls13only), "TLS 1.2 handshake with"},
 		{"ping 500", f.expect(unhealthy), "HTTP 500"},
 		{"ping not OK", f.expect(notOK), `status "DEGRADED", want "OK"`},
@@ -159,4 +163,3 @@ func TestVerifierPlainHTTP(t *testing.T) {
 		t.Errorf("plain ping: %v", err)
 	}
 }
-

@@ -68,7 +68,7 @@ not serve what is on disk (after --no-restart), it is restarted.
   # A private CA, and a SiteURL that is still http.
   mmtls push --cert tls.crt --key tls.key --ca-file /etc/pki/corp-root.pem \
              --site-url https://chat.corp.example --no-restart`,
-		Args: cobra.NoArgs,
+		Args: usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if cmd.Flags().Changed("service") && o.RestartCommand != "" {
 				return usageError(fmt.Errorf("--service and --restart-command are mutually exclusive"))

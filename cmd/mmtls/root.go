@@ -82,6 +82,16 @@ func (e usageErr) Is(target error) bool { return target == agent.ErrUsage }
 // usageError marks err as a usage error: exit code 2.
 func usageError(err error) error { return usageErr{err} }
 
+// usageArgs makes an argument check's errors usage errors.
+func usageArgs(check cobra.PositionalArgs) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if err := check(cmd, args); err != nil {
+			return usageError(err)
+		}
+		return nil
+	}
+}
+
 func newRootCmd(a *app) *cobra.Command {
 	root := &cobra.Command{
 		Use:   "mmtls",
@@ -96,6 +106,8 @@ Logs go to stderr; --json results go to stdout.
 ` + exitCodeHelp,
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		Args:          usageArgs(cobra.NoArgs),
+		RunE:          func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
 		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(cmd.ErrOrStderr(), a.logFormat, a.logLevel)
 			if err != nil {

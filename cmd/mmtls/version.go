@@ -26,7 +26,7 @@ func newVersionCmd() *cobra.Command {
 		Short:   "Print mmtls's version",
 		Long:    "Print the version of this mmtls binary.",
 		Example: "  mmtls version",
-		Args:    cobra.NoArgs,
+		Args:    usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			_, err := fmt.Fprintf(cmd.OutOrStdout(), "mmtls %s\n", versionString())
 			return err
