@@ -87,7 +87,7 @@ func (v *Verifier) Wait(ctx context.Context, exp Expectation) error {
 			if last == nil {
 				last = ctx.Err()
 			}
-			return fmt.Errorf("verify %s: not verified after %s (%d attempts): %w", exp, timeout, attempt-1, last)
+			return fmt.Errorf("verify %s: not verified after %s (%d attempt(s)): %w", exp, timeout, attempt-1, last)
 		case <-t.C:
 		}
 		last = v.Check(ctx, exp)
