@@ -92,7 +92,12 @@ func (n *node) restarts() int {
 // waitPlain waits until the stand-in answers its ping over plain HTTP.
 func (n *node) waitPlain(addr string) {
 	n.t.Helper()
-	waitFor(n.t, 20*time.Second, func() error {
+	n.waitPlainFor(addr, 20*time.Second)
+}
+
+func (n *node) waitPlainFor(addr string, timeout time.Duration) {
+	n.t.Helper()
+	waitFor(n.t, timeout, func() error {
 		c := &http.Client{Timeout: 2 * time.Second}
 		resp, err := c.Get("http://" + addr + "/api/v4/system/ping")
 		if err != nil {

@@ -18,13 +18,14 @@ import (
 // directory, as systemd keeps one per unit.
 func ctl(args []string) error {
 	if len(args) == 0 {
-		return errors.New("usage: ctl start|stop|restart --dir D [--user U] [--workdir W] [--env K=V]... -- [server flags]")
+		return errors.New("usage: ctl start|stop|restart --dir D [--user U] [--workdir W] [--exec PROGRAM] [--env K=V]... -- [server flags]")
 	}
 	verb := args[0]
 	fs := flag.NewFlagSet("ctl", flag.ContinueOnError)
 	dir := fs.String("dir", "", "state directory: pid, log, args")
 	runAs := fs.String("user", "", "run the server as this user")
 	workdir := fs.String("workdir", "", "the server's working directory")
+	execPath := fs.String("exec", "", "run this program instead of the stand-in (a real Mattermost)")
 	var env multi
 	fs.Var(&env, "env", "K=V for the server's environment (repeatable)")
 	if err := fs.Parse(args[1:]); err != nil {
@@ -35,14 +36,14 @@ func ctl(args []string) error {
 	}
 	switch verb {
 	case "start":
-		return start(*dir, *runAs, *workdir, env, fs.Args())
+		return start(*dir, *runAs, *workdir, *execPath, env, fs.Args())
 	case "stop":
 		return stopServer(*dir)
 	case "restart":
 		if err := stopServer(*dir); err != nil {
 			return err
 		}
-		return start(*dir, *runAs, *workdir, env, fs.Args())
+		return start(*dir, *runAs, *workdir, *execPath, env, fs.Args())
 	}
 	return fmt.Errorf("unknown verb %q", verb)
 }
@@ -52,10 +53,12 @@ type multi []string
 func (m *multi) String() string     { return strings.Join(*m, ",") }
 func (m *multi) Set(v string) error { *m = append(*m, v); return nil }
 
-func start(dir, runAs, workdir string, env, args []string) error {
-	self, err := os.Executable()
-	if err != nil {
-		return err
+func start(dir, runAs, workdir, self string, env, args []string) error {
+	if self == "" {
+		var err error
+		if self, err = os.Executable(); err != nil {
+			return err
+		}
 	}
 	logf, err := os.OpenFile(filepath.Join(dir, "log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {

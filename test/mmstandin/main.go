@@ -20,7 +20,8 @@
 //
 // `mmstandin ctl start|stop|restart --dir D -- [server flags]` is a tiny
 // service manager for tests: one detached server per directory D, its PID
-// in D/pid and its output in D/log.
+// in D/pid and its output in D/log. With --exec it manages another program
+// the same way (a real Mattermost server).
 package main
 
 import (
