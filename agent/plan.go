@@ -324,11 +324,12 @@ func newBackupDir(state string, now time.Time) (string, error) {
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return "", fmt.Errorf("create backup directory: %w", err)
 	}
-	dir, err := os.MkdirTemp(root, now.UTC().Format("20060102T150405Z")+"-")
+	// Prune first, so the directory made now is never among the pruned.
+	pruneBackups(root, keepBackups-1)
+	dir, err := os.MkdirTemp(root, now.UTC().Format("20060102T150405.000000000Z")+"-")
 	if err != nil {
 		return "", fmt.Errorf("create backup directory: %w", err)
 	}
-	pruneBackups(root, keepBackups)
 	return dir, nil
 }
 

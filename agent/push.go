@@ -212,7 +212,7 @@ func (p *Pusher) noop(ctx context.Context, pl *plan) error {
 // step after the install fails.
 func (p *Pusher) apply(ctx context.Context, pl *plan) error {
 	o, res, log := pl.o, pl.res, p.log()
-	backupDir, err := newBackupDir(o.StateDir, p.now())
+	backupDir, err := newBackupDir(o.StateDir, time.Now())
 	if err != nil {
 		return err
 	}

@@ -189,3 +189,24 @@ func TestUnitGrants(t *testing.T) {
 		t.Error("drop-in with AmbientCapabilities not seen")
 	}
 }
+
+// Backups are kept for the last keepBackups pushes, the newest included.
+func TestBackupRetention(t *testing.T) {
+	requireRoot(t)
+	state := t.TempDir()
+	var last string
+	for range keepBackups + 3 {
+		dir, err := newBackupDir(state, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = dir
+	}
+	entries, _ := os.ReadDir(filepath.Join(state, "backups"))
+	if len(entries) != keepBackups {
+		t.Errorf("%d backup directories kept, want %d", len(entries), keepBackups)
+	}
+	if _, err := os.Stat(last); err != nil {
+		t.Errorf("newest backup directory pruned: %v", err)
+	}
+}

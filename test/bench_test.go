@@ -1,0 +1,96 @@
+package test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/mmtls/mmtls/agent"
+	"github.com/mmtls/mmtls/test/fixture"
+	"github.com/mmtls/mmtls/test/pki"
+)
+
+// threeCertPair writes a leaf issued by a second-level intermediate: the
+// certificate file holds leaf, intermediate 2 and intermediate 1.
+func threeCertPair(b *testing.B, dir string, root *pki.CA) *fixture.Pair {
+	b.Helper()
+	now := time.Now()
+	i1, err := root.Intermediate("bench intermediate 1", now)
+	if err != nil {
+		b.Fatal(err)
+	}
+	i2, err := i1.Intermediate("bench intermediate 2", now)
+	if err != nil {
+		b.Fatal(err)
+	}
+	leaf, err := i2.Issue(pki.Leaf{DNSNames: []string{fixture.SiteHost}}, now)
+	if err != nil {
+		b.Fatal(err)
+	}
+	p := &fixture.Pair{CertFile: filepath.Join(dir, "fullchain.pem"), KeyFile: filepath.Join(dir, "privkey.pem")}
+	os.MkdirAll(dir, 0o700)
+	os.WriteFile(p.CertFile, pki.EncodeCerts(leaf.Cert, i2.Cert, i1.Cert), 0o600)
+	os.WriteFile(p.KeyFile, leaf.KeyPEM, 0o600)
+	return p
+}
+
+// BenchmarkPushNoRestart times `mmtls push --no-restart` with a
+// three-certificate chain, in process: validate, plan, lock, journal,
+// back up, install, edit config.json. "rotate" alternates two pairs so
+// every push writes; "unchanged" is the no-op.
+func BenchmarkPushNoRestart(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root")
+	}
+	root := b.TempDir()
+	tree, err := fixture.NewTree(root, mmUser, mmUID, mmGID, "127.0.0.1:8065", "https://"+fixture.SiteHost)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ca, err := pki.NewRoot("bench root", time.Now())
+	if err != nil {
+		b.Fatal(err)
+	}
+	caFile := filepath.Join(root, "root.pem")
+	os.WriteFile(caFile, ca.PEM(), 0o644)
+	pairs := []*fixture.Pair{threeCertPair(b, filepath.Join(root, "a"), ca), threeCertPair(b, filepath.Join(root, "b"), ca)}
+	opts := func(p *fixture.Pair) agent.PushOptions {
+		return agent.PushOptions{CertFile: p.CertFile, KeyFile: p.KeyFile, MattermostDir: tree.MattermostDir,
+			StateDir: tree.StateDir, CAFile: caFile, Owner: mmUser, NoRestart: true}
+	}
+	pu := &agent.Pusher{}
+	ctx := context.Background()
+	// next alternates the pairs across every push, whichever sub-benchmark
+	// (and however many times the framework calls it).
+	next := 0
+	flip := func() *fixture.Pair { next++; return pairs[next%2] }
+	b.Run("rotate", func(b *testing.B) {
+		for b.Loop() {
+			res, err := pu.Push(ctx, opts(flip()))
+			if err != nil || res.Status != agent.StatusChanged {
+				b.Fatalf("push: %v %v", res, err)
+			}
+		}
+	})
+	b.Run("unchanged", func(b *testing.B) {
+		same := pairs[next%2] // installed by the last push
+		for b.Loop() {
+			res, err := pu.Push(ctx, opts(same))
+			if err != nil || res.Status != agent.StatusUnchanged {
+				b.Fatalf("push: %v %v", res, err)
+			}
+		}
+	})
+	b.Run("cli-rotate", func(b *testing.B) {
+		for b.Loop() {
+			o := opts(flip())
+			r := runMMTLS(b, "push", "--cert", o.CertFile, "--key", o.KeyFile, "--mattermost-dir", o.MattermostDir,
+				"--state-dir", o.StateDir, "--ca-file", o.CAFile, "--owner", mmUser, "--no-restart", "--log-level", "error")
+			if r.code != 0 {
+				b.Fatalf("mmtls push: %s", r)
+			}
+		}
+	})
+}
