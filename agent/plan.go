@@ -117,7 +117,7 @@ func (p *Pusher) plan(ctx context.Context, o PushOptions) (*plan, error) {
 		return nil, refused(fmt.Errorf("destination: %w", err))
 	}
 	res.Files = pl.install.Files
-	if err := pl.expectations(); err != nil {
+	if err := pl.expectations(newDoc); err != nil {
 		return nil, refused(err)
 	}
 	return pl, nil
@@ -125,9 +125,9 @@ func (p *Pusher) plan(ctx context.Context, o PushOptions) (*plan, error) {
 
 // expectations works out what a verified Mattermost serves after the push,
 // and what it served before it, from the config on disk.
-func (pl *plan) expectations() error {
+func (pl *plan) expectations(newDoc []byte) error {
 	o := pl.o
-	newSS, err := mmconfig.Effective(mustEdit(pl.cfgDoc, pl.tls))
+	newSS, err := mmconfig.Effective(newDoc)
 	if err != nil {
 		return err
 	}
@@ -164,14 +164,6 @@ func (pl *plan) expectations() error {
 	}
 	pl.oldExp = old
 	return nil
-}
-
-func mustEdit(doc []byte, t mmconfig.TLS) []byte {
-	out, _, err := mmconfig.Edit(doc, t.Settings())
-	if err != nil {
-		return doc // already edited once in plan; cannot fail here
-	}
-	return out
 }
 
 // dialAddr turns a ListenAddress into an address to connect to: loopback
