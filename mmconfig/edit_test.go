@@ -163,3 +163,16 @@ func FuzzEdit(f *testing.F) {
 		}
 	})
 }
+
+func TestLookup(t *testing.T) {
+	doc := []byte(`{"ServiceSettings": {"SiteURL": "https://a", "SiteURL": "https://b", "N": null}, "X": 1}`)
+	for _, tt := range []struct{ key, want string }{{"SiteURL", "https://b"}, {"N", ""}, {"Missing", ""}} {
+		got, err := LookupString(doc, Section, tt.key)
+		if err != nil || got != tt.want {
+			t.Errorf("LookupString(%s) = %q, %v; want %q", tt.key, got, err, tt.want)
+		}
+	}
+	if _, err := Lookup([]byte(`{"ServiceSettings": 3}`), Section, "SiteURL"); err == nil || err.Error() != "config: ServiceSettings: not a JSON object" {
+		t.Errorf("non-object section: %v", err)
+	}
+}

@@ -55,30 +55,22 @@ func OwnedKeys() []string {
 }
 
 // Lookup returns the raw JSON value of section.key in doc (the last one, if
-// duplicated), or nil if absent.
+// duplicated, as encoding/json decodes it), or nil if absent.
 func Lookup(doc []byte, section, key string) (json.RawMessage, error) {
-	top, err := parseObjectChecked(doc)
-	if err != nil {
+	raw, err := lookupSection(doc, section)
+	if err != nil || raw == nil {
 		return nil, err
 	}
-	secs := top.find(section)
-	if len(secs) == 0 {
-		return nil, nil
-	}
-	sec := secs[len(secs)-1]
-	if doc[sec.valStart] != '{' {
-		return nil, fmt.Errorf("config: %s: %w", section, ErrNotObject)
-	}
-	obj, err := parseObject(doc, sec.valStart)
+	obj, err := parseObject(raw, 0)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("config: %s: %w", section, err)
 	}
 	ms := obj.find(key)
 	if len(ms) == 0 {
 		return nil, nil
 	}
 	m := ms[len(ms)-1]
-	return json.RawMessage(doc[m.valStart:m.valEnd]), nil
+	return raw[m.valStart:m.valEnd], nil
 }
 
 // LookupString returns section.key as a string; "" when absent or null.

@@ -233,3 +233,31 @@ func holdPort(t *testing.T) string {
 	t.Cleanup(func() { ln.Close() })
 	return ln.Addr().String()
 }
+
+// pairs writes count certificate pairs under the node's tree, each from its
+// own CA, and one roots file trusting them all.
+func (n *node) pairs(count int) ([]*fixture.Pair, string) {
+	n.t.Helper()
+	now := time.Now()
+	var ps []*fixture.Pair
+	for i := range count {
+		p, err := fixture.WritePair(filepath.Join(n.tree.Root, fmt.Sprintf("src%d", i+1)), now)
+		if err != nil {
+			n.t.Fatal(err)
+		}
+		ps = append(ps, p)
+	}
+	roots := filepath.Join(n.tree.Root, "roots.pem")
+	if err := fixture.Roots(roots, ps...); err != nil {
+		n.t.Fatal(err)
+	}
+	return ps, roots
+}
+
+// mustPush runs a push that must succeed.
+func (n *node) mustPush(p *fixture.Pair, roots string, extra ...string) {
+	n.t.Helper()
+	if r := runMMTLS(n.t, n.pushArgs(p, roots, extra...)...); r.code != 0 {
+		n.t.Fatalf("push %s:\n%s", p.CertFile, r)
+	}
+}

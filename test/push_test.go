@@ -173,18 +173,12 @@ func TestPushLifecycle(t *testing.T) {
 // never answers) is rolled back to the old certificate, config and port.
 func TestPushRollsBackWhenVerifyFails(t *testing.T) {
 	n := newNode(t)
-	now := time.Now()
-	p1, _ := fixture.WritePair(filepath.Join(n.tree.Root, "src1"), now)
-	p2, _ := fixture.WritePair(filepath.Join(n.tree.Root, "src2"), now)
-	roots := filepath.Join(n.tree.Root, "roots.pem")
-	fixture.Roots(roots, p1, p2)
+	ps, roots := n.pairs(2)
+	p1, p2 := ps[0], ps[1]
 	oldAddr, _ := fixture.PickPort()
 	restart := n.restartCmd()
-	if r := runMMTLS(t, n.pushArgs(p1, roots, "--listen", oldAddr, "--restart-command", restart)...); r.code != 0 {
-		t.Fatalf("first push:\n%s", r)
-	}
+	n.mustPush(p1, roots, "--listen", oldAddr, "--restart-command", restart)
 	assertServes(t, oldAddr, p1)
-	cfgBefore := stateOf(t, n.tree.ConfigPath)
 
 	held := holdPort(t)
 	r, res := pushJSON(t, n.pushArgs(p2, roots, "--listen", held, "--restart-command", restart, "--verify-timeout", "3s")...)
@@ -201,7 +195,6 @@ func TestPushRollsBackWhenVerifyFails(t *testing.T) {
 	if cfg["ServiceSettings"]["ListenAddress"] != oldAddr {
 		t.Errorf("ListenAddress after rollback = %v, want %s", cfg["ServiceSettings"]["ListenAddress"], oldAddr)
 	}
-	_ = cfgBefore
 	if _, err := os.Stat(filepath.Join(n.tree.StateDir, "journal.json")); !os.IsNotExist(err) {
 		t.Errorf("journal left after a completed rollback: %v", err)
 	}
@@ -214,16 +207,11 @@ func TestPushCatchesServerThatCannotLoadKey(t *testing.T) {
 	for _, mode := range []string{"hang", "exit"} {
 		t.Run(mode, func(t *testing.T) {
 			n := newNode(t, "--bad-key", mode)
-			now := time.Now()
-			p1, _ := fixture.WritePair(filepath.Join(n.tree.Root, "src1"), now)
-			p2, _ := fixture.WritePair(filepath.Join(n.tree.Root, "src2"), now)
-			roots := filepath.Join(n.tree.Root, "roots.pem")
-			fixture.Roots(roots, p1, p2)
+			ps, roots := n.pairs(2)
+			p1, p2 := ps[0], ps[1]
 			addr, _ := fixture.PickPort()
 			restart := n.restartCmd("--bad-key", mode)
-			if r := runMMTLS(t, n.pushArgs(p1, roots, "--listen", addr, "--restart-command", restart)...); r.code != 0 {
-				t.Fatalf("first push:\n%s", r)
-			}
+			n.mustPush(p1, roots, "--listen", addr, "--restart-command", restart)
 			// --owner root: the key lands 0400 root, unreadable by mattermost.
 			r := runMMTLS(t, n.pushArgs(p2, roots, "--listen", addr, "--restart-command", restart, "--verify-timeout", "4s", "--owner", "root")...)
 			if r.code != 4 {
@@ -238,19 +226,12 @@ func TestPushCatchesServerThatCannotLoadKey(t *testing.T) {
 // certificate: an identical push restarts it, without reinstalling.
 func TestPushNoOpRestartsStaleServer(t *testing.T) {
 	n := newNode(t)
-	now := time.Now()
-	p1, _ := fixture.WritePair(filepath.Join(n.tree.Root, "src1"), now)
-	p2, _ := fixture.WritePair(filepath.Join(n.tree.Root, "src2"), now)
-	roots := filepath.Join(n.tree.Root, "roots.pem")
-	fixture.Roots(roots, p1, p2)
+	ps, roots := n.pairs(2)
+	p1, p2 := ps[0], ps[1]
 	addr, _ := fixture.PickPort()
 	restart := n.restartCmd()
-	if r := runMMTLS(t, n.pushArgs(p1, roots, "--listen", addr, "--restart-command", restart)...); r.code != 0 {
-		t.Fatalf("first push:\n%s", r)
-	}
-	if r := runMMTLS(t, n.pushArgs(p2, roots, "--listen", addr, "--no-restart")...); r.code != 0 {
-		t.Fatalf("--no-restart push:\n%s", r)
-	}
+	n.mustPush(p1, roots, "--listen", addr, "--restart-command", restart)
+	n.mustPush(p2, roots, "--listen", addr, "--no-restart")
 	assertServes(t, addr, p1)
 	r, res := pushJSON(t, n.pushArgs(p2, roots, "--listen", addr, "--restart-command", restart)...)
 	if r.code != 0 || res["status"] != "restarted" {

@@ -108,12 +108,8 @@ func TestRealMattermost(t *testing.T) {
 		t.Skip("-short: skipping the real Mattermost server")
 	}
 	n := newRealNode(t)
-	now := time.Now()
-	p1, _ := fixture.WritePair(filepath.Join(n.tree.Root, "src1"), now)
-	p2, _ := fixture.WritePair(filepath.Join(n.tree.Root, "src2"), now)
-	p3, _ := fixture.WritePair(filepath.Join(n.tree.Root, "src3"), now)
-	roots := filepath.Join(n.tree.Root, "roots.pem")
-	fixture.Roots(roots, p1, p2, p3)
+	ps, roots := n.pairs(3)
+	p1, p2, p3 := ps[0], ps[1], ps[2]
 	addr, _ := fixture.PickPort()
 	restart := n.restartCmd()
 	push := func(p *fixture.Pair, extra ...string) (result, map[string]any) {

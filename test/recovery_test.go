@@ -20,16 +20,11 @@ import (
 // the next run, which says so.
 func TestPushKilledBeforeRestartIsCompletedByNextRun(t *testing.T) {
 	n := newNode(t)
-	now := time.Now()
-	p1, _ := fixture.WritePair(filepath.Join(n.tree.Root, "src1"), now)
-	p2, _ := fixture.WritePair(filepath.Join(n.tree.Root, "src2"), now)
-	roots := filepath.Join(n.tree.Root, "roots.pem")
-	fixture.Roots(roots, p1, p2)
+	ps, roots := n.pairs(2)
+	p1, p2 := ps[0], ps[1]
 	addr, _ := fixture.PickPort()
 	restart := n.restartCmd()
-	if r := runMMTLS(t, n.pushArgs(p1, roots, "--listen", addr, "--restart-command", restart)...); r.code != 0 {
-		t.Fatalf("first push:\n%s", r)
-	}
+	n.mustPush(p1, roots, "--listen", addr, "--restart-command", restart)
 
 	// This push's restart command announces itself and blocks; the push is
 	// killed right there, with the new files and config on disk.
