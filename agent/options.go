@@ -75,7 +75,9 @@ func (o PushOptions) WithDefaults() PushOptions {
 	def(&o.KeyName, DefaultKeyName)
 	def(&o.Owner, DefaultOwner)
 	def(&o.StateDir, DefaultStateDir)
-	def(&o.Service, DefaultService)
+	if o.RestartCommand == "" {
+		def(&o.Service, DefaultService)
+	}
 	if o.LockTimeout == 0 {
 		o.LockTimeout = DefaultLockTimeout
 	}

@@ -2,6 +2,8 @@ package agent
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"context"
 	"errors"
 	"fmt"
@@ -33,6 +35,21 @@ type Pusher struct {
 	// Restarter restarts Mattermost. Nil means systemctl for the options'
 	// Service, or their RestartCommand.
 	Restarter ServiceManager
+	// Cluster, if not nil, is held from before each restart of Mattermost
+	// until it is verified or rolled back, so nodes restart one at a time.
+	Cluster RestartLock
+}
+
+// clusterLock acquires p.Cluster, if any.
+func (p *Pusher) clusterLock(ctx context.Context) (func(), error) {
+	if p.Cluster == nil {
+		return func() {}, nil
+	}
+	release, err := p.Cluster.Acquire(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("cluster restart lock (%s): %w", p.Cluster, err)
+	}
+	return release, nil
 }
 
 func (p *Pusher) log() *slog.Logger {
@@ -201,6 +218,11 @@ func (p *Pusher) noop(ctx context.Context, pl *plan) error {
 		return nil
 	}
 	log.Info("certificate and config are in place but mattermost does not serve them; restarting", "err", err)
+	release, err := p.clusterLock(ctx)
+	if err != nil {
+		return err
+	}
+	defer release()
 	if err := p.restartAndVerify(ctx, pl.o, pl.newExp, res); err != nil {
 		return fmt.Errorf("%w (the files and config on disk were already in place and are unchanged)", err)
 	}
@@ -267,6 +289,11 @@ func (p *Pusher) apply(ctx context.Context, pl *plan) error {
 		return j.finish()
 	}
 
+	release, err := p.clusterLock(ctx)
+	if err != nil {
+		return p.rollback(ctx, j, err, false)
+	}
+	defer release() // after the verification, or the rollback's
 	note, warns, err := p.bindPrivilege(ctx, o, pl.tls.ListenAddress, pl.uid, pl.env.Unit)
 	for _, w := range warns {
 		log.Warn(w)
@@ -373,4 +400,9 @@ func (p *Pusher) writeConfig(pl *plan, backupDir string) ([]mmconfig.Change, err
 		}
 		return changes, nil
 	}
+}
+
+func sha256Hex(b []byte) string {
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
 }

@@ -115,6 +115,11 @@ func (p *Pusher) recover(ctx context.Context, cur PushOptions) (string, error) {
 		if o.NoRestart {
 			return what + ": its files and config are in place; Mattermost was not restarted (--no-restart)", j.finish()
 		}
+		release, err := p.clusterLock(ctx)
+		if err != nil {
+			return "", err
+		}
+		defer release()
 		if err := p.restartAndVerify(ctx, o, j.New, nil); err != nil {
 			rb := p.rollback(ctx, j, fmt.Errorf("completing %s: %w", what, err), true)
 			if errors.Is(rb, ErrRolledBack) {

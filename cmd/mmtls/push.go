@@ -15,8 +15,8 @@ import (
 
 func newPushCmd(a *app) *cobra.Command {
 	var (
-		o      agent.PushOptions
-		asJSON bool
+		pf                        *pushFlags
+		asJSON, noRestart, dryRun bool
 	)
 	cmd := &cobra.Command{
 		Use:   "push --cert FILE --key FILE",
@@ -70,12 +70,12 @@ not serve what is on disk (after --no-restart), it is restarted.
              --site-url https://chat.corp.example --no-restart`,
 		Args: usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if cmd.Flags().Changed("service") && o.RestartCommand != "" {
+			f := cmd.Flags()
+			if f.Changed("service") && f.Changed("restart-command") {
 				return usageError(fmt.Errorf("--service and --restart-command are mutually exclusive"))
 			}
-			if o.RestartCommand != "" {
-				o.Service = "" // the default unit name is not a choice the admin made
-			}
+			o := pf.options(f)
+			o.NoRestart, o.DryRun = noRestart, dryRun
 			p := &agent.Pusher{Logger: a.log}
 			res, err := p.Push(cmd.Context(), o)
 			if res != nil {
@@ -93,28 +93,9 @@ not serve what is on disk (after --no-restart), it is restarted.
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&o.CertFile, "cert", "", "certificate file: the leaf and its intermediates, PEM, any order (required)")
-	f.StringVar(&o.KeyFile, "key", "", "private key file, PEM: PKCS#1, PKCS#8 or SEC1, unencrypted (required)")
-	f.StringVar(&o.MattermostDir, "mattermost-dir", agent.DefaultMattermostDir, "Mattermost's install directory")
-	f.StringVar(&o.MMConfig, "mm-config", "", "Mattermost's config.json (default: MM_CONFIG from its service, else <mattermost-dir>/config/config.json)")
-	f.StringVar(&o.DestDir, "dest-dir", "", "where to install the pair (default <mattermost-dir>/config)")
-	f.StringVar(&o.CertName, "cert-name", agent.DefaultCertName, "installed certificate file name")
-	f.StringVar(&o.KeyName, "key-name", agent.DefaultKeyName, "installed key file name")
-	f.StringVar(&o.Owner, "owner", agent.DefaultOwner, "user that owns the installed files (the user Mattermost runs as)")
-	f.StringVar(&o.Group, "group", "", "group that owns the installed files (default: the owner's primary group)")
-	f.StringVar(&o.Listen, "listen", ":443", "ServiceSettings.ListenAddress to set")
-	f.StringVar(&o.SiteURL, "site-url", "", "set ServiceSettings.SiteURL too (must be https://)")
-	f.StringVar(&o.CAFile, "ca-file", "", "verify the chain against the roots in this PEM file instead of the system roots")
-	f.BoolVar(&o.AllowHostMismatch, "allow-host-mismatch", false, "install even if the certificate does not cover SiteURL's host")
-	f.StringVar(&o.StateDir, "state-dir", agent.DefaultStateDir, "mmtls's own root-owned directory for backups and the lock")
-	f.DurationVar(&o.LockTimeout, "lock-timeout", agent.DefaultLockTimeout, "how long to wait for another mmtls run to finish")
-	f.StringVar(&o.Service, "service", agent.DefaultService, "systemd unit Mattermost runs as: restarted with systemctl, and its environment read")
-	f.StringVar(&o.RestartCommand, "restart-command", "", "restart Mattermost with this command (run by /bin/sh -c) instead of systemctl")
-	f.DurationVar(&o.RestartTimeout, "restart-timeout", agent.DefaultRestartTimeout, "how long the restart may take")
-	f.StringVar(&o.VerifyAddress, "verify-address", "", "where to connect to verify, host:port (default: the listen address, on loopback)")
-	f.DurationVar(&o.VerifyTimeout, "verify-timeout", agent.DefaultVerifyTimeout, "how long Mattermost may take to serve the new certificate")
-	f.BoolVar(&o.NoRestart, "no-restart", false, "install and configure only; do not restart Mattermost")
-	f.BoolVar(&o.DryRun, "dry-run", false, "print the plan and change nothing")
+	pf = addPushFlags(f)
+	f.BoolVar(&noRestart, "no-restart", false, "install and configure only; do not restart Mattermost")
+	f.BoolVar(&dryRun, "dry-run", false, "print the plan and change nothing")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON on stdout")
 	return cmd
 }

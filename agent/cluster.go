@@ -1,0 +1,228 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/mmtls/mmtls/mmconfig"
+)
+
+// Cluster defaults.
+const (
+	// DefaultLockWait covers another node's restart, verification and
+	// rollback, with room to spare.
+	DefaultLockWait = 15 * time.Minute
+	DefaultSplay    = 2 * time.Minute
+	// clusterLockKey is the PostgreSQL advisory lock every mmtls agent of a
+	// cluster takes around its restart ("mmtls" and a version byte).
+	clusterLockKey int64 = 0x6d6d746c7301
+)
+
+// RestartLock keeps the nodes of a cluster from restarting Mattermost at
+// the same time: a renewal that lands on every node at once must not take
+// them all down together.
+type RestartLock interface {
+	// Acquire blocks until this node may restart Mattermost. The returned
+	// release must be called once the restart and its verification (or
+	// rollback) are over. An error means the caller must not restart.
+	Acquire(ctx context.Context) (release func(), err error)
+	String() string
+}
+
+// PostgresLock holds a PostgreSQL advisory lock in the database the
+// cluster shares. A node that cannot take it within Wait (the database is
+// unreachable, or the lock is not released) falls back to a random splay
+// and says so.
+type PostgresLock struct {
+	DSN     string
+	Wait    time.Duration // 0 means DefaultLockWait
+	Splay   time.Duration // 0 means DefaultSplay
+	Logger  *slog.Logger  // nil discards
+	Metrics *Metrics      // nil records nothing
+}
+
+func (l *PostgresLock) String() string { return "postgres advisory lock" }
+
+// Acquire takes the lock, retrying the connection until Wait passes.
+func (l *PostgresLock) Acquire(ctx context.Context) (func(), error) {
+	log := logger(l.Logger)
+	start := time.Now()
+	wait := orDefault(l.Wait, DefaultLockWait)
+	wctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	var lastErr error
+	for attempt := 0; ; attempt++ {
+		conn, err := l.lock(wctx)
+		if err == nil {
+			l.Metrics.lockWaited(time.Since(start))
+			log.Info("holding the cluster restart lock", "waited", time.Since(start).Round(time.Millisecond))
+			return func() {
+				rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				if _, err := conn.Exec(rctx, "SELECT pg_advisory_unlock($1)", clusterLockKey); err != nil {
+					log.Warn("releasing the cluster restart lock failed; closing the connection releases it", "err", err)
+				}
+				conn.Close(rctx)
+			}, nil
+		}
+		lastErr = err
+		if attempt == 0 {
+			log.Info("waiting for the cluster restart lock", "err", err)
+		}
+		select {
+		case <-wctx.Done():
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			log.Warn("could not take the cluster restart lock; restarting after a random splay instead", "waited", wait, "err", lastErr)
+			if err := splay(ctx, orDefault(l.Splay, DefaultSplay), log); err != nil {
+				return nil, err
+			}
+			l.Metrics.lockWaited(time.Since(start))
+			return func() {}, nil
+		case <-time.After(2 * time.Second):
+		}
+	}
+}
+
+// lock connects and blocks in pg_advisory_lock until it is granted or ctx ends.
+func (l *PostgresLock) lock(ctx context.Context) (*pgx.Conn, error) {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	conn, err := pgx.Connect(cctx, l.DSN)
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("connect to the cluster database: %w", err)
+	}
+	if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock($1)", clusterLockKey); err != nil {
+		conn.Close(context.Background())
+		return nil, fmt.Errorf("pg_advisory_lock: %w", err)
+	}
+	return conn, nil
+}
+
+// SplayLock takes no lock: it waits a random time below Splay, so nodes
+// renewing together are unlikely to restart together. For MySQL clusters
+// and when the database is out of reach.
+type SplayLock struct {
+	Splay  time.Duration // 0 means DefaultSplay
+	Logger *slog.Logger
+}
+
+func (s *SplayLock) String() string { return "random splay" }
+
+// Acquire waits the splay.
+func (s *SplayLock) Acquire(ctx context.Context) (func(), error) {
+	if err := splay(ctx, orDefault(s.Splay, DefaultSplay), logger(s.Logger)); err != nil {
+		return nil, err
+	}
+	return func() {}, nil
+}
+
+func splay(ctx context.Context, max time.Duration, log *slog.Logger) error {
+	d := time.Duration(rand.Int64N(int64(max) + 1))
+	log.Info("waiting a random splay before restarting", "splay", d.Round(time.Millisecond))
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// NewRestartLock chooses the cluster coordination for mode ("auto",
+// "postgres", "splay", "off"; "" is "auto"). With no DSN given, it reads
+// Mattermost's SqlSettings (or MM_SQLSETTINGS_* in its service's
+// environment): PostgreSQL gets the advisory lock, MySQL a splay with a
+// warning. It returns nil for "off".
+func NewRestartLock(mode, dsn string, wait, splayMax time.Duration, o PushOptions, unitDirs []string, log *slog.Logger, m *Metrics) (RestartLock, error) {
+	log = logger(log)
+	switch mode {
+	case "off":
+		return nil, nil
+	case "splay":
+		return &SplayLock{Splay: splayMax, Logger: log}, nil
+	case "", "auto", "postgres":
+	default:
+		return nil, fmt.Errorf("cluster mode %q: want auto, postgres, splay or off", mode)
+	}
+	driver := "postgres"
+	if dsn == "" {
+		var err error
+		if driver, dsn, err = mattermostDatabase(o.WithDefaults(), unitDirs); err != nil {
+			return nil, err
+		}
+	}
+	if driver == "mysql" || strings.HasPrefix(dsn, "mysql://") {
+		if mode == "postgres" {
+			return nil, errors.New("cluster mode postgres: Mattermost's database is MySQL")
+		}
+		log.Warn("Mattermost's database is MySQL: nodes restart after a random splay, without a cluster-wide lock")
+		return &SplayLock{Splay: splayMax, Logger: log}, nil
+	}
+	if dsn == "" {
+		if mode == "postgres" {
+			return nil, errors.New("cluster mode postgres: no database DSN in Mattermost's SqlSettings.DataSource; set cluster.dsn")
+		}
+		log.Info("no cluster database found in Mattermost's config; restarts are not coordinated with other nodes")
+		return nil, nil
+	}
+	return &PostgresLock{DSN: pgxDSN(dsn), Wait: wait, Splay: splayMax, Logger: log, Metrics: m}, nil
+}
+
+// mattermostDatabase reads SqlSettings.DriverName and DataSource as
+// Mattermost sees them: the service environment wins over config.json.
+func mattermostDatabase(o PushOptions, unitDirs []string) (driver, dsn string, err error) {
+	env, err := mmconfig.LoadServiceEnv(o.Service+".service", unitDirs)
+	if err != nil {
+		return "", "", err
+	}
+	loc, err := mmconfig.Locate(o.MMConfig, env, o.MattermostDir)
+	if err != nil {
+		return "", "", err
+	}
+	doc, _, err := readConfig(loc.Path)
+	if err != nil {
+		return "", "", err
+	}
+	if driver, err = mmconfig.LookupString(doc, "SqlSettings", "DriverName"); err != nil {
+		return "", "", err
+	}
+	if dsn, err = mmconfig.LookupString(doc, "SqlSettings", "DataSource"); err != nil {
+		return "", "", err
+	}
+	if v, ok := env.Override("SqlSettings", "DriverName"); ok {
+		driver = v.Value
+	}
+	if v, ok := env.Override("SqlSettings", "DataSource"); ok {
+		dsn = v.Value
+	}
+	if driver == "" {
+		driver = "postgres"
+	}
+	return driver, dsn, nil
+}
+
+// pgxDSN drops the lib/pq-only parameters Mattermost DSNs may carry, which
+// pgx would otherwise send to the server as settings.
+func pgxDSN(dsn string) string {
+	u, err := url.Parse(dsn)
+	if err != nil || u.RawQuery == "" {
+		return dsn
+	}
+	q := u.Query()
+	for _, k := range []string{"binary_parameters", "disable_prepared_binary_result"} {
+		q.Del(k)
+	}
+	u.RawQuery = q.Encode()
+	return u.String()
+}

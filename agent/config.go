@@ -1,0 +1,326 @@
+package agent
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/BurntSushi/toml"
+)
+
+// DefaultConfigFile is where the agent's config file lives.
+const DefaultConfigFile = "/etc/mmtls/mmtls.toml"
+
+// Duration is a time.Duration written as "90s", "10m" or "1h30m" in the
+// config file.
+type Duration struct{ time.Duration }
+
+// UnmarshalText parses a Go duration string.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("%q is not a duration such as 90s, 10m or 1h30m", b)
+	}
+	d.Duration = v
+	return nil
+}
+
+// MarshalText writes the duration back.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.Duration.String()), nil }
+
+// Config is the agent's config file, /etc/mmtls/mmtls.toml. Every key is
+// optional; a zero value means the documented default. Command-line flags
+// override the file.
+type Config struct {
+	Source  SourceConfig  `toml:"source"`
+	Push    PushConfig    `toml:"push"`
+	Watch   WatchConfig   `toml:"watch"`
+	Cluster ClusterConfig `toml:"cluster"`
+	Metrics MetricsConfig `toml:"metrics"`
+}
+
+// SourceConfig names the pair the agent watches and pushes.
+type SourceConfig struct {
+	Cert string `toml:"cert"` // such as /etc/letsencrypt/live/NAME/fullchain.pem
+	Key  string `toml:"key"`  // such as /etc/letsencrypt/live/NAME/privkey.pem
+}
+
+// PushConfig holds every `mmtls push` setting, keyed as its flag.
+type PushConfig struct {
+	MattermostDir     string   `toml:"mattermost_dir"`
+	MMConfig          string   `toml:"mm_config"`
+	DestDir           string   `toml:"dest_dir"`
+	CertName          string   `toml:"cert_name"`
+	KeyName           string   `toml:"key_name"`
+	Owner             string   `toml:"owner"`
+	Group             string   `toml:"group"`
+	Listen            string   `toml:"listen"`
+	SiteURL           string   `toml:"site_url"`
+	CAFile            string   `toml:"ca_file"`
+	AllowHostMismatch bool     `toml:"allow_host_mismatch"`
+	StateDir          string   `toml:"state_dir"`
+	LockTimeout       Duration `toml:"lock_timeout"`
+	Service           string   `toml:"service"`
+	RestartCommand    string   `toml:"restart_command"`
+	RestartTimeout    Duration `toml:"restart_timeout"`
+	VerifyAddress     string   `toml:"verify_address"`
+	VerifyTimeout     Duration `toml:"verify_timeout"`
+}
+
+// WatchConfig tunes the watch loop. See WatchOptions for the defaults.
+type WatchConfig struct {
+	Quiet               Duration `toml:"quiet"`
+	MaxWait             Duration `toml:"max_wait"`
+	Reconcile           Duration `toml:"reconcile"`
+	ReportMismatchAfter Duration `toml:"report_mismatch_after"`
+	BackoffMin          Duration `toml:"backoff_min"`
+	BackoffMax          Duration `toml:"backoff_max"`
+	MaxRestartsPerHour  int      `toml:"max_restarts_per_hour"`
+	ExpiryWarning       Duration `toml:"expiry_warning"`
+}
+
+// ClusterConfig makes nodes of one cluster restart one at a time.
+type ClusterConfig struct {
+	// Mode is "auto" (PostgreSQL advisory lock when Mattermost's database
+	// is PostgreSQL, else a random splay), "postgres", "splay" or "off".
+	Mode string `toml:"mode"`
+	// DSN of the database the cluster shares; empty means Mattermost's
+	// SqlSettings.DataSource (or MM_SQLSETTINGS_DATASOURCE in its service).
+	DSN      string   `toml:"dsn"`
+	LockWait Duration `toml:"lock_wait"`
+	Splay    Duration `toml:"splay"`
+}
+
+// MetricsConfig turns on the Prometheus endpoint.
+type MetricsConfig struct {
+	Listen string `toml:"listen"` // such as 127.0.0.1:9469; empty: off
+}
+
+// ConfigError names the key (and line) of a bad setting in the file.
+type ConfigError struct {
+	File string
+	Line int // 0 when unknown
+	Key  string
+	Err  error
+}
+
+func (e *ConfigError) Error() string {
+	loc := e.File
+	if e.Line > 0 {
+		loc = fmt.Sprintf("%s:%d", e.File, e.Line)
+	}
+	if e.Key == "" {
+		return fmt.Sprintf("config %s: %v", loc, e.Err)
+	}
+	return fmt.Sprintf("config %s: %s: %v", loc, e.Key, e.Err)
+}
+
+func (e *ConfigError) Unwrap() error { return e.Err }
+
+// LoadConfig reads the agent's config file. The file names a command that
+// runs as root (restart_command), so it must be owned by root and not
+// writable by group or others. An unknown key or a bad value is an error
+// naming the key and its line.
+func LoadConfig(path string) (*Config, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, &ConfigError{File: path, Err: err}
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, &ConfigError{File: path, Err: err}
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	if st.Uid != 0 || fi.Mode().Perm()&0o022 != 0 {
+		return nil, &ConfigError{File: path, Err: fmt.Errorf("owned by uid %d with mode %04o; it names a command run as root, "+
+			"so it must be owned by root and writable by no one else (chown root %s; chmod go-w %s)", st.Uid, fi.Mode().Perm(), path, path)}
+	}
+	var buf bytes.Buffer
+	if _, err := buf.ReadFrom(f); err != nil {
+		return nil, &ConfigError{File: path, Err: err}
+	}
+	return ParseConfig(path, buf.Bytes())
+}
+
+// ParseConfig parses config file content; name is used in errors.
+func ParseConfig(name string, data []byte) (*Config, error) {
+	var c Config
+	md, err := toml.Decode(string(data), &c)
+	if err != nil {
+		var pe toml.ParseError
+		if !errors.As(err, &pe) {
+			// Type errors are plain errors that carry the key and line
+			// in their text only.
+			if m := typeErrRE.FindStringSubmatch(err.Error()); m != nil {
+				line, _ := strconv.Atoi(m[1])
+				return nil, &ConfigError{File: name, Line: line, Key: m[2], Err: errors.New(m[3])}
+			}
+			return nil, &ConfigError{File: name, Err: err}
+		}
+		ce := &ConfigError{File: name, Line: pe.Position.Line, Err: errors.New(pe.Message)}
+		if pe.LastKey != "" && keyLine(data, strings.Split(pe.LastKey, ".")) == pe.Position.Line {
+			ce.Key = pe.LastKey // the error is about that key's value
+		}
+		return nil, ce
+	}
+	if und := md.Undecoded(); len(und) > 0 {
+		k := und[0].String()
+		return nil, &ConfigError{File: name, Line: keyLine(data, und[0]), Key: k, Err: errors.New("unknown key")}
+	}
+	if err := c.validate(); err != nil {
+		var ce *ConfigError
+		if errors.As(err, &ce) {
+			ce.File = name
+			ce.Line = keyLine(data, strings.Split(ce.Key, "."))
+		}
+		return nil, err
+	}
+	return &c, nil
+}
+
+func (c *Config) validate() error {
+	bad := func(key, format string, args ...any) error {
+		return &ConfigError{Key: key, Err: fmt.Errorf(format, args...)}
+	}
+	switch c.Cluster.Mode {
+	case "", "auto", "postgres", "splay", "off":
+	default:
+		return bad("cluster.mode", "%q: want auto, postgres, splay or off", c.Cluster.Mode)
+	}
+	if c.Watch.MaxRestartsPerHour < 0 {
+		return bad("watch.max_restarts_per_hour", "%d: must not be negative", c.Watch.MaxRestartsPerHour)
+	}
+	for key, d := range map[string]Duration{"watch.quiet": c.Watch.Quiet, "watch.max_wait": c.Watch.MaxWait, "watch.reconcile": c.Watch.Reconcile,
+		"watch.backoff_min": c.Watch.BackoffMin, "watch.backoff_max": c.Watch.BackoffMax, "cluster.lock_wait": c.Cluster.LockWait,
+		"cluster.splay": c.Cluster.Splay, "push.lock_timeout": c.Push.LockTimeout, "push.restart_timeout": c.Push.RestartTimeout,
+		"push.verify_timeout": c.Push.VerifyTimeout} {
+		if d.Duration < 0 {
+			return bad(key, "%s: must not be negative", d.Duration)
+		}
+	}
+	if c.Watch.MaxWait.Duration > 0 && c.Watch.Quiet.Duration > c.Watch.MaxWait.Duration {
+		return bad("watch.max_wait", "%s is shorter than watch.quiet (%s)", c.Watch.MaxWait.Duration, c.Watch.Quiet.Duration)
+	}
+	// The source may come from flags instead (mmtls watch --config):
+	// RequireSource checks it where the file alone must do.
+	o := c.PushOptions()
+	if o.CertFile == "" || o.KeyFile == "" {
+		o.CertFile, o.KeyFile = "source.cert", "source.key"
+	}
+	if err := o.Validate(); err != nil {
+		// The messages name flags; each is the [push] key of the same
+		// name with underscores (--site-url is push.site_url).
+		return &ConfigError{Key: "push", Err: err}
+	}
+	return nil
+}
+
+// RequireSource reports a file that does not name the source pair: the
+// service (mmtls run) has no flags to name it.
+func (c *Config) RequireSource(file string) error {
+	switch {
+	case c.Source.Cert == "":
+		return &ConfigError{File: file, Key: "source.cert", Err: errors.New("is required: the certificate file the agent watches and pushes (such as certbot's live/NAME/fullchain.pem)")}
+	case c.Source.Key == "":
+		return &ConfigError{File: file, Key: "source.key", Err: errors.New("is required: the key file the agent watches and pushes (such as certbot's live/NAME/privkey.pem)")}
+	}
+	return nil
+}
+
+// PushOptions returns the push settings of the file, with the source pair.
+func (c *Config) PushOptions() PushOptions {
+	p := c.Push
+	return PushOptions{
+		CertFile: c.Source.Cert, KeyFile: c.Source.Key,
+		MattermostDir: p.MattermostDir, MMConfig: p.MMConfig, DestDir: p.DestDir,
+		CertName: p.CertName, KeyName: p.KeyName, Owner: p.Owner, Group: p.Group,
+		Listen: p.Listen, SiteURL: p.SiteURL, CAFile: p.CAFile, AllowHostMismatch: p.AllowHostMismatch,
+		StateDir: p.StateDir, LockTimeout: p.LockTimeout.Duration, Service: p.Service,
+		RestartCommand: p.RestartCommand, RestartTimeout: p.RestartTimeout.Duration,
+		VerifyAddress: p.VerifyAddress, VerifyTimeout: p.VerifyTimeout.Duration,
+	}
+}
+
+var typeErrRE = regexp.MustCompile(`^toml: line (\d+) \(last key "([^"]+)"\): (.*)$`)
+
+var tableRE = regexp.MustCompile(`^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]`)
+
+// keyLine finds the line of a key in TOML text: the library reports
+// unknown keys without positions.
+func keyLine(data []byte, key []string) int {
+	if len(key) == 0 {
+		return 0
+	}
+	table, name := strings.Join(key[:len(key)-1], "."), key[len(key)-1]
+	keyRE := regexp.MustCompile(`^\s*"?` + regexp.QuoteMeta(name) + `"?\s*=`)
+	cur := ""
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	for n := 1; sc.Scan(); n++ {
+		line := sc.Text()
+		if m := tableRE.FindStringSubmatch(line); m != nil {
+			cur = m[1]
+			if len(key) == 1 && cur == name {
+				return n // an unknown table
+			}
+			continue
+		}
+		if cur == table && keyRE.MatchString(line) {
+			return n
+		}
+	}
+	return 0
+}
+
+// Effective returns a copy of c with every default filled in, as the agent
+// will run it: what `mmtls config check` prints.
+func (c *Config) Effective() *Config {
+	e := *c
+	o := c.PushOptions().WithDefaults()
+	e.Push = PushConfig{
+		MattermostDir: o.MattermostDir, MMConfig: o.MMConfig, DestDir: o.DestDir, CertName: o.CertName, KeyName: o.KeyName,
+		Owner: o.Owner, Group: o.Group, Listen: o.Listen, SiteURL: o.SiteURL, CAFile: o.CAFile, AllowHostMismatch: o.AllowHostMismatch,
+		StateDir: o.StateDir, LockTimeout: Duration{o.LockTimeout}, Service: o.Service, RestartCommand: o.RestartCommand,
+		RestartTimeout: Duration{o.RestartTimeout}, VerifyAddress: o.VerifyAddress, VerifyTimeout: Duration{o.VerifyTimeout},
+	}
+	if e.Push.Listen == "" {
+		e.Push.Listen = ":443"
+	}
+	if o.RestartCommand != "" && c.Push.Service == "" {
+		e.Push.Service = ""
+	}
+	w := c.WatchOptions().WithDefaults()
+	e.Watch = WatchConfig{Quiet: Duration{w.Quiet}, MaxWait: Duration{w.MaxWait}, Reconcile: Duration{w.Reconcile},
+		ReportMismatchAfter: Duration{w.ReportMismatchAfter}, BackoffMin: Duration{w.BackoffMin}, BackoffMax: Duration{w.BackoffMax},
+		MaxRestartsPerHour: w.MaxRestartsPerHour, ExpiryWarning: Duration{w.ExpiryWarning}}
+	if e.Cluster.Mode == "" {
+		e.Cluster.Mode = "auto"
+	}
+	if e.Cluster.LockWait.Duration == 0 {
+		e.Cluster.LockWait.Duration = DefaultLockWait
+	}
+	if e.Cluster.Splay.Duration == 0 {
+		e.Cluster.Splay.Duration = DefaultSplay
+	}
+	if m, err := MetricsAddr(c.Metrics.Listen); err == nil {
+		e.Metrics.Listen = m
+	}
+	return &e
+}
+
+// WatchOptions returns the file's watch settings with its push settings.
+func (c *Config) WatchOptions() WatchOptions {
+	w := c.Watch
+	return WatchOptions{
+		Push: c.PushOptions(), Quiet: w.Quiet.Duration, MaxWait: w.MaxWait.Duration, Reconcile: w.Reconcile.Duration,
+		ReportMismatchAfter: w.ReportMismatchAfter.Duration, BackoffMin: w.BackoffMin.Duration, BackoffMax: w.BackoffMax.Duration,
+		MaxRestartsPerHour: w.MaxRestartsPerHour, ExpiryWarning: w.ExpiryWarning.Duration,
+	}
+}

@@ -1,0 +1,155 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// DefaultMetricsPort is the port of --metrics-listen given without a host.
+const DefaultMetricsPort = "9469"
+
+// Metrics are the agent's Prometheus metrics, in a registry of their own.
+// A nil *Metrics is valid and records nothing. Safe for concurrent use.
+type Metrics struct {
+	Registry *prometheus.Registry
+
+	notAfter     prometheus.Gauge
+	pushes       *prometheus.CounterVec
+	restarts     prometheus.Counter
+	rollbacks    prometheus.Counter
+	verify       prometheus.Histogram
+	lastSuccess  prometheus.Gauge
+	events       prometheus.Counter
+	lockWait     prometheus.Histogram
+	inconsistent prometheus.Gauge
+}
+
+// NewMetrics makes the agent's metrics in a new registry.
+func NewMetrics() *Metrics {
+	m := &Metrics{
+		Registry: prometheus.NewRegistry(),
+		notAfter: prometheus.NewGauge(prometheus.GaugeOpts{Name: "mmtls_cert_not_after_timestamp_seconds",
+			Help: "NotAfter of the installed leaf certificate, as a Unix time."}),
+		pushes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mmtls_pushes_total",
+			Help: "Pushes by result: changed, unchanged, restarted, refused, rolled-back, rollback-failed, failed."}, []string{"result"}),
+		restarts: prometheus.NewCounter(prometheus.CounterOpts{Name: "mmtls_mattermost_restarts_total",
+			Help: "Mattermost restarts made by pushes."}),
+		rollbacks: prometheus.NewCounter(prometheus.CounterOpts{Name: "mmtls_rollbacks_total",
+			Help: "Pushes rolled back, whether or not the rollback worked."}),
+		verify: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "mmtls_verify_duration_seconds",
+			Help: "Time from the restart until Mattermost served the new certificate.", Buckets: prometheus.ExponentialBuckets(0.25, 2, 12)}),
+		lastSuccess: prometheus.NewGauge(prometheus.GaugeOpts{Name: "mmtls_last_success_timestamp_seconds",
+			Help: "Unix time of the last push that succeeded (including no-ops)."}),
+		events: prometheus.NewCounter(prometheus.CounterOpts{Name: "mmtls_watch_events_total",
+			Help: "File notifications about the source pair."}),
+		lockWait: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "mmtls_cluster_lock_wait_seconds",
+			Help: "Time waited for the cluster-wide restart lock.", Buckets: prometheus.ExponentialBuckets(0.01, 4, 10)}),
+		inconsistent: prometheus.NewGauge(prometheus.GaugeOpts{Name: "mmtls_source_inconsistent",
+			Help: "1 while the source pair has been unusable past watch.report_mismatch_after."}),
+	}
+	m.Registry.MustRegister(m.notAfter, m.pushes, m.restarts, m.rollbacks, m.verify, m.lastSuccess, m.events, m.lockWait, m.inconsistent)
+	return m
+}
+
+func (m *Metrics) observePush(res *Result, err error) {
+	if m == nil {
+		return
+	}
+	result := "failed"
+	switch {
+	case err == nil && res != nil:
+		result = string(res.Status)
+		m.lastSuccess.Set(float64(time.Now().Unix()))
+		if res.Verified && res.Restarted {
+			m.verify.Observe(res.Timings.Verify / 1000)
+		}
+	case errors.Is(err, ErrRefused), errors.Is(err, ErrUsage):
+		result = "refused"
+	case errors.Is(err, ErrRollbackFailed):
+		result = "rollback-failed"
+		m.rollbacks.Inc()
+	case errors.Is(err, ErrRolledBack):
+		result = "rolled-back"
+		m.rollbacks.Inc()
+	}
+	if res != nil && res.Restarted {
+		m.restarts.Inc()
+	}
+	m.pushes.WithLabelValues(result).Inc()
+}
+
+func (m *Metrics) watchEvent() {
+	if m != nil {
+		m.events.Inc()
+	}
+}
+
+func (m *Metrics) sourceInconsistent(on bool) {
+	if m == nil {
+		return
+	}
+	if on {
+		m.inconsistent.Set(1)
+	} else {
+		m.inconsistent.Set(0)
+	}
+}
+
+func (m *Metrics) certNotAfter(t time.Time) {
+	if m != nil {
+		m.notAfter.Set(float64(t.Unix()))
+	}
+}
+
+func (m *Metrics) lockWaited(d time.Duration) {
+	if m != nil {
+		m.lockWait.Observe(d.Seconds())
+	}
+}
+
+// MetricsAddr completes a --metrics-listen value: a bare port or ":port"
+// listens on 127.0.0.1.
+func MetricsAddr(v string) (string, error) {
+	if v == "" {
+		return "", nil
+	}
+	if _, _, err := net.SplitHostPort(v); err != nil {
+		v = ":" + v
+	}
+	host, port, err := net.SplitHostPort(v)
+	if err != nil || port == "" {
+		return "", fmt.Errorf("--metrics-listen %q: want [host:]port", v)
+	}
+	if host == "" {
+		host = "127.0.0.1"
+	}
+	return net.JoinHostPort(host, port), nil
+}
+
+// ServeMetrics serves m on ln until ctx is cancelled, then shuts down.
+func ServeMetrics(ctx context.Context, ln net.Listener, m *Metrics, log *slog.Logger) error {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	logger(log).Info("serving metrics", "addr", ln.Addr().String())
+	select {
+	case <-ctx.Done():
+		shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		err := srv.Shutdown(shut)
+		<-errc
+		return err
+	case err := <-errc:
+		return fmt.Errorf("metrics server: %w", err)
+	}
+}

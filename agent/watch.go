@@ -1,0 +1,396 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+
+	"github.com/mmtls/mmtls/certs"
+)
+
+// Watch defaults.
+const (
+	DefaultQuiet               = 5 * time.Second
+	DefaultMaxWait             = time.Minute
+	DefaultReconcile           = 10 * time.Minute
+	DefaultReportMismatchAfter = 10 * time.Minute
+	DefaultBackoffMin          = 30 * time.Second
+	DefaultBackoffMax          = 30 * time.Minute
+	DefaultMaxRestartsPerHour  = 4
+)
+
+// WatchOptions configures the watch loop. Zero values mean the defaults
+// above; a negative Reconcile disables the periodic reconcile and a negative
+// MaxRestartsPerHour the restart cap.
+type WatchOptions struct {
+	// Push is what each push does; its CertFile and KeyFile are the source
+	// pair that is watched.
+	Push PushOptions
+	// Quiet is how long the source must stay unchanged before it is read;
+	// MaxWait bounds that wait while changes keep coming.
+	Quiet, MaxWait time.Duration
+	// Reconcile is how often the installed pair is compared with the source
+	// even without events (NFS, inotify overflow).
+	Reconcile time.Duration
+	// ReportMismatchAfter is how long an inconsistent source pair (a key
+	// that does not match, a half-written file) is retried quietly before
+	// it is reported.
+	ReportMismatchAfter time.Duration
+	// BackoffMin and BackoffMax bound the exponential backoff after a
+	// failed push.
+	BackoffMin, BackoffMax time.Duration
+	// MaxRestartsPerHour caps Mattermost restarts.
+	MaxRestartsPerHour int
+	// ExpiryWarning: a warning is logged once a day while the installed
+	// certificate expires within this. 0 means 21 days.
+	ExpiryWarning time.Duration
+}
+
+// WithDefaults returns o with zero fields set to their defaults.
+func (o WatchOptions) WithDefaults() WatchOptions {
+	o.Push = o.Push.WithDefaults()
+	set := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	set(&o.Quiet, DefaultQuiet)
+	set(&o.MaxWait, DefaultMaxWait)
+	set(&o.Reconcile, DefaultReconcile)
+	set(&o.ReportMismatchAfter, DefaultReportMismatchAfter)
+	set(&o.BackoffMin, DefaultBackoffMin)
+	set(&o.BackoffMax, DefaultBackoffMax)
+	set(&o.ExpiryWarning, certs.DefaultExpiryWarning)
+	if o.MaxRestartsPerHour == 0 {
+		o.MaxRestartsPerHour = DefaultMaxRestartsPerHour
+	}
+	if o.MaxWait < o.Quiet {
+		o.MaxWait = o.Quiet
+	}
+	return o
+}
+
+// Watcher runs the watch loop: it pushes the source pair whenever a
+// consistent new one appears, and at start if it is not in place.
+type Watcher struct {
+	Pusher *Pusher
+	// Logger receives the loop's transitions. Nil discards.
+	Logger *slog.Logger
+	// Metrics, if not nil, is updated as the loop runs.
+	Metrics *Metrics
+
+	reload chan WatchOptions
+}
+
+// NewWatcher returns a Watcher that pushes with p.
+func NewWatcher(p *Pusher, log *slog.Logger, m *Metrics) *Watcher {
+	return &Watcher{Pusher: p, Logger: log, Metrics: m, reload: make(chan WatchOptions, 1)}
+}
+
+// Reload hands the running loop new options (SIGHUP). It does not block;
+// a reload not yet picked up is replaced.
+func (w *Watcher) Reload(o WatchOptions) {
+	select {
+	case <-w.reload:
+	default:
+	}
+	w.reload <- o
+}
+
+// watchLoop is the loop's state, owned by the goroutine running Run.
+type watchLoop struct {
+	w   *Watcher
+	log *slog.Logger
+	o   WatchOptions
+	fsw *fsnotify.Watcher
+
+	dirs  map[string]bool // directories watched
+	names map[string]bool // base names whose events matter
+
+	timer        *time.Timer
+	pendingSince time.Time // first event of the current burst; zero when idle
+
+	pushed        string // source identity last pushed successfully
+	refused       string // source identity last refused: not retried until it changes
+	failures      int    // consecutive failed pushes
+	mismatchSince time.Time
+	reported      bool
+	restarts      []time.Time
+	capLogged     bool
+	notAfter      time.Time // installed leaf's expiry, from the last push
+}
+
+// Run watches until ctx is cancelled. A push in flight when ctx is
+// cancelled runs to its end (finished or rolled back: it has its own
+// timeouts); Run returns after it.
+func (w *Watcher) Run(ctx context.Context, o WatchOptions) error {
+	if w.reload == nil {
+		w.reload = make(chan WatchOptions, 1)
+	}
+	fsw, err := fsnotify.NewWatcher()
+	if err != nil {
+		return fmt.Errorf("watch: %w", err)
+	}
+	defer fsw.Close()
+	l := &watchLoop{w: w, log: logger(w.Logger), o: o.WithDefaults(), fsw: fsw, dirs: map[string]bool{}}
+	if err := l.o.Push.Validate(); err != nil {
+		return err
+	}
+	l.rearm()
+	l.log.Info("watching the source pair", "cert", l.o.Push.CertFile, "key", l.o.Push.KeyFile, "dirs", l.watchedDirs())
+
+	l.timer = time.NewTimer(0) // provision at start
+	defer l.timer.Stop()
+	reconcile := newTicker(l.o.Reconcile)
+	defer reconcile.Stop()
+	daily := time.NewTicker(24 * time.Hour)
+	defer daily.Stop()
+
+	for {
+		select {
+		case <-ctx.Done():
+			l.log.Info("watch stopped")
+			return nil
+		case ev, ok := <-fsw.Events:
+			if !ok {
+				return errors.New("watch: file notification channel closed")
+			}
+			l.event(ev)
+		case err, ok := <-fsw.Errors:
+			if !ok {
+				return errors.New("watch: file notification channel closed")
+			}
+			// An overflow loses events: look at the source now.
+			l.log.Warn("file notification error; checking the source", "err", err)
+			l.rearm()
+			l.schedule(l.o.Quiet)
+		case <-l.timer.C:
+			l.process(ctx, false)
+		case <-reconcile.C:
+			l.process(ctx, true)
+		case <-daily.C:
+			l.checkExpiry()
+		case no := <-w.reload:
+			l.o = no.WithDefaults()
+			l.refused = ""
+			reconcile.Stop()
+			reconcile = newTicker(l.o.Reconcile)
+			l.rearm()
+			l.log.Info("configuration reloaded", "cert", l.o.Push.CertFile, "key", l.o.Push.KeyFile)
+			l.schedule(0)
+		}
+	}
+}
+
+// newTicker returns a ticker for d, or a stopped one that never fires when
+// d is negative.
+func newTicker(d time.Duration) *time.Ticker {
+	if d <= 0 {
+		t := time.NewTicker(time.Hour)
+		t.Stop()
+		return t
+	}
+	return time.NewTicker(d)
+}
+
+// event handles one file notification: relevant ones (re)start the quiet
+// period, bounded by MaxWait from the first event of the burst.
+func (l *watchLoop) event(ev fsnotify.Event) {
+	base := filepath.Base(ev.Name)
+	if !l.names[base] && !strings.HasPrefix(base, "..") && !l.dirs[ev.Name] {
+		return
+	}
+	l.w.Metrics.watchEvent()
+	l.log.Debug("source event", "name", ev.Name, "op", ev.Op.String())
+	l.rearm() // links may now point elsewhere; a directory may be back
+	now := time.Now()
+	if l.pendingSince.IsZero() {
+		l.pendingSince = now
+	}
+	wait := l.o.Quiet
+	if left := l.o.MaxWait - now.Sub(l.pendingSince); left < wait {
+		wait = max(left, 0)
+	}
+	l.schedule(wait)
+}
+
+func (l *watchLoop) schedule(d time.Duration) {
+	l.timer.Stop()
+	select {
+	case <-l.timer.C:
+	default:
+	}
+	l.timer.Reset(d)
+}
+
+// rearm watches the directories holding the source files and the targets
+// of their links, or the nearest existing ancestor of one that is missing
+// (so its re-creation is seen).
+func (l *watchLoop) rearm() {
+	want := map[string]bool{}
+	names := map[string]bool{}
+	add := func(path string) {
+		names[filepath.Base(path)] = true
+		for d := filepath.Dir(path); ; d = filepath.Dir(d) {
+			if fi, err := os.Stat(d); err == nil && fi.IsDir() {
+				want[d] = true
+				return
+			}
+			names[filepath.Base(d)] = true
+			if d == filepath.Dir(d) {
+				return
+			}
+		}
+	}
+	for _, f := range []string{l.o.Push.CertFile, l.o.Push.KeyFile} {
+		add(f)
+		if r, err := filepath.EvalSymlinks(f); err == nil && r != f {
+			add(r)
+		}
+	}
+	for d := range want {
+		if !l.dirs[d] {
+			if err := l.fsw.Add(d); err != nil {
+				l.log.Warn("cannot watch directory; relying on the periodic reconcile", "dir", d, "err", err)
+				continue
+			}
+			l.dirs[d] = true
+		}
+	}
+	for d := range l.dirs {
+		if !want[d] {
+			l.fsw.Remove(d) // fails harmlessly if the directory is gone
+			delete(l.dirs, d)
+		}
+	}
+	l.names = names
+}
+
+func (l *watchLoop) watchedDirs() []string {
+	var out []string
+	for d := range l.dirs {
+		out = append(out, d)
+	}
+	return out
+}
+
+// process reads the source pair and pushes it if it is consistent and new
+// (or, on reconcile, to check that what is installed is in force).
+func (l *watchLoop) process(ctx context.Context, reconcile bool) {
+	l.pendingSince = time.Time{}
+	o := l.o
+	pair, err := certs.LoadPair(o.Push.CertFile, o.Push.KeyFile)
+	if err != nil {
+		// Mid-renewal (certbot swaps the links one at a time) or
+		// half-written: try again quietly, report only if it lasts.
+		now := time.Now()
+		if l.mismatchSince.IsZero() {
+			l.mismatchSince = now
+		}
+		if !l.reported && now.Sub(l.mismatchSince) >= o.ReportMismatchAfter {
+			l.reported = true
+			l.w.Metrics.sourceInconsistent(true)
+			l.log.Error("the source pair has been unusable for a while; nothing is pushed until it is fixed",
+				"since", l.mismatchSince, "err", err)
+		} else {
+			l.log.Debug("source pair not consistent yet; retrying", "err", err)
+		}
+		l.schedule(o.Quiet)
+		return
+	}
+	if l.reported {
+		l.log.Info("the source pair is usable again")
+	}
+	l.mismatchSince, l.reported = time.Time{}, false
+	l.w.Metrics.sourceInconsistent(false)
+
+	id := sourceID(pair)
+	if id == l.refused {
+		return // refused as it is; wait for it to change
+	}
+	if id == l.pushed && !reconcile {
+		return // events that changed nothing (a touch, a chmod)
+	}
+	if wait := l.restartCapWait(); wait > 0 {
+		if !l.capLogged {
+			l.capLogged = true
+			l.log.Warn("restart cap reached; the push waits", "max_restarts_per_hour", o.MaxRestartsPerHour, "wait", wait.Round(time.Second))
+		}
+		l.schedule(wait)
+		return
+	}
+	l.capLogged = false
+
+	// The push runs to its end even if the agent is being stopped: it has
+	// its own timeouts and rolls back on failure.
+	res, err := l.w.Pusher.Push(context.WithoutCancel(ctx), o.Push)
+	l.w.Metrics.observePush(res, err)
+	if res != nil && res.Restarted {
+		l.restarts = append(l.restarts, time.Now())
+	}
+	switch {
+	case err == nil:
+		l.pushed, l.failures = id, 0
+		l.notAfter = pair.Leaf().NotAfter
+		if res.Status != StatusUnchanged {
+			l.log.Info("pushed the source pair", "status", res.Status, "fingerprint", res.Certificate.Fingerprint)
+		}
+		l.checkExpiry()
+	case errors.Is(err, ErrRefused):
+		l.refused = id
+		l.log.Error("the source pair was refused; it is not retried until it changes", "err", err)
+	case errors.Is(err, ErrUsage):
+		l.refused = id
+		l.log.Error("push settings are wrong; fix the config and reload", "err", err)
+	default:
+		l.failures++
+		backoff := o.BackoffMin << min(l.failures-1, 20)
+		if backoff > o.BackoffMax || backoff <= 0 {
+			backoff = o.BackoffMax
+		}
+		l.log.Error("push failed; retrying", "err", err, "failures", l.failures, "retry_in", backoff)
+		l.schedule(backoff)
+	}
+}
+
+// restartCapWait says how long until another restart is allowed.
+func (l *watchLoop) restartCapWait() time.Duration {
+	if l.o.MaxRestartsPerHour < 0 {
+		return 0
+	}
+	now := time.Now()
+	kept := l.restarts[:0]
+	for _, t := range l.restarts {
+		if now.Sub(t) < time.Hour {
+			kept = append(kept, t)
+		}
+	}
+	l.restarts = kept
+	if len(kept) < l.o.MaxRestartsPerHour {
+		return 0
+	}
+	return time.Hour - now.Sub(kept[0])
+}
+
+func (l *watchLoop) checkExpiry() {
+	if l.notAfter.IsZero() {
+		return
+	}
+	l.w.Metrics.certNotAfter(l.notAfter)
+	if left := time.Until(l.notAfter); left < l.o.ExpiryWarning {
+		l.log.Warn("the installed certificate expires soon; is renewal working?", "not_after", l.notAfter, "days_left", int(left.Hours()/24))
+	}
+}
+
+// sourceID identifies a pair by its content.
+func sourceID(p *certs.Pair) string {
+	kfp, _ := certs.PublicKeyFingerprint(p.Key.Public())
+	return certs.Fingerprint(p.Leaf()) + "/" + kfp + "/" + sha256Hex(p.CertPEM)
+}
