@@ -11,9 +11,9 @@ import (
 
 func newConfigCmd() *cobra.Command {
 	cmd := &cobra.Command{
-		Use:   "config",
-		Short: "Check the agent's config file",
-		Long:  "config works with the agent's config file, /etc/mmtls/mmtls.toml.",
+		Use:     "config",
+		Short:   "Check the agent's config file",
+		Long:    "config works with the agent's config file, /etc/mmtls/mmtls.toml.",
 		Example: `  mmtls config check --config /etc/mmtls/mmtls.toml`,
 		Args:    usageArgs(cobra.NoArgs),
 		RunE:    func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
