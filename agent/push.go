@@ -223,6 +223,7 @@ func (p *Pusher) noop(ctx context.Context, pl *plan) error {
 		return err
 	}
 	defer release()
+	ctx = context.WithoutCancel(ctx) // see apply
 	if err := p.restartAndVerify(ctx, pl.o, pl.newExp, res); err != nil {
 		return fmt.Errorf("%w (the files and config on disk were already in place and are unchanged)", err)
 	}
@@ -294,6 +295,10 @@ func (p *Pusher) apply(ctx context.Context, pl *plan) error {
 		return p.rollback(ctx, j, err, false)
 	}
 	defer release() // after the verification, or the rollback's
+	// From the restart on, the push runs to its end, verified or rolled
+	// back, even if ctx is cancelled (SIGTERM): each step has its own
+	// timeout, and a half-done restart helps no one.
+	ctx = context.WithoutCancel(ctx)
 	note, warns, err := p.bindPrivilege(ctx, o, pl.tls.ListenAddress, pl.uid, pl.env.Unit)
 	for _, w := range warns {
 		log.Warn(w)

@@ -120,6 +120,7 @@ func (p *Pusher) recover(ctx context.Context, cur PushOptions) (string, error) {
 			return "", err
 		}
 		defer release()
+		ctx = context.WithoutCancel(ctx) // see apply
 		if err := p.restartAndVerify(ctx, o, j.New, nil); err != nil {
 			rb := p.rollback(ctx, j, fmt.Errorf("completing %s: %w", what, err), true)
 			if errors.Is(rb, ErrRolledBack) {

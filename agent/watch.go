@@ -128,8 +128,7 @@ type watchLoop struct {
 }
 
 // Run watches until ctx is cancelled. A push in flight when ctx is
-// cancelled runs to its end (finished or rolled back: it has its own
-// timeouts); Run returns after it.
+// cancelled finishes or rolls back; Run returns after it.
 func (w *Watcher) Run(ctx context.Context, o WatchOptions) error {
 	if w.reload == nil {
 		w.reload = make(chan WatchOptions, 1)
@@ -328,9 +327,10 @@ func (l *watchLoop) process(ctx context.Context, reconcile bool) {
 	}
 	l.capLogged = false
 
-	// The push runs to its end even if the agent is being stopped: it has
-	// its own timeouts and rolls back on failure.
-	res, err := l.w.Pusher.Push(context.WithoutCancel(ctx), o.Push)
+	// Stopping the agent cancels a push that is still waiting (for the
+	// lock, say), which then puts back what it installed; once Mattermost
+	// is being restarted, the push runs to its end (see Pusher.Push).
+	res, err := l.w.Pusher.Push(ctx, o.Push)
 	l.w.Metrics.observePush(res, err)
 	if res != nil && res.Restarted {
 		l.restarts = append(l.restarts, time.Now())

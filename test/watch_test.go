@@ -48,15 +48,22 @@ func (w *watcher) log() string {
 // the test's watch timings; the source pair and extra flags are given.
 func (n *node) startWatch(t *testing.T, cert, key, roots, listen string, extra ...string) *watcher {
 	t.Helper()
+	return n.startWatchCluster(t, `mode = "off"`, n.restartCmd(), cert, key, roots, listen, extra...)
+}
+
+// startWatchCluster is startWatch with the [cluster] settings and the
+// restart command given.
+func (n *node) startWatchCluster(t *testing.T, cluster, restart, cert, key, roots, listen string, extra ...string) *watcher {
+	t.Helper()
 	cfg := filepath.Join(n.tree.Root, "mmtls.toml")
-	toml := fmt.Sprintf("[watch]\nquiet = %q\nmax_wait = %q\nbackoff_min = \"500ms\"\nmax_restarts_per_hour = 50\n\n[cluster]\nmode = \"off\"\n",
-		testQuiet.String(), testMaxWait.String())
+	toml := fmt.Sprintf("[watch]\nquiet = %q\nmax_wait = %q\nbackoff_min = \"500ms\"\nmax_restarts_per_hour = 50\n\n[cluster]\n%s\n",
+		testQuiet.String(), testMaxWait.String(), cluster)
 	if err := os.WriteFile(cfg, []byte(toml), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	args := []string{"watch", "--config", cfg, "--cert", cert, "--key", key, "--log-level", "debug",
 		"--mattermost-dir", n.tree.MattermostDir, "--state-dir", n.tree.StateDir, "--ca-file", roots, "--owner", mmUser,
-		"--listen", listen, "--restart-command", n.restartCmd(), "--verify-timeout", "20s"}
+		"--listen", listen, "--restart-command", restart, "--verify-timeout", "20s"}
 	w := &watcher{done: make(chan struct{})}
 	w.cmd = exec.Command(mmtlsBin, append(args, extra...)...)
 	w.cmd.Stderr = w
