@@ -79,7 +79,7 @@ func TestExampleConfigDocumentsEveryKey(t *testing.T) {
 	var missing []string
 	walkKeys(reflect.TypeOf(agent.Config{}), "", func(key string) {
 		table, name, _ := strings.Cut(key, ".")
-		if !regexp.MustCompile(`(?m)^`+name+` = `).MatchString(section(uncommented, table)) {
+		if !regexp.MustCompile(`(?m)^` + name + ` = `).MatchString(section(uncommented, table)) {
 			missing = append(missing, key)
 		}
 	})
