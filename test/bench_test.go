@@ -1,11 +1,14 @@
 package test
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/fsnotify/fsnotify"
 
 	"github.com/mmtls/mmtls/agent"
 	"github.com/mmtls/mmtls/test/fixture"
@@ -93,4 +96,81 @@ func BenchmarkPushNoRestart(b *testing.B) {
 			}
 		}
 	})
+}
+
+// BenchmarkWatchLatency times the watch loop from the last change of the
+// source pair to the new pair installed (push --no-restart), with a 50 ms
+// quiet period. The figure minus the quiet period is the loop's own cost,
+// plus the push; ns/op is per renewal.
+func BenchmarkWatchLatency(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root")
+	}
+	root := b.TempDir()
+	tree, err := fixture.NewTree(root, mmUser, mmUID, mmGID, "127.0.0.1:8065", "https://"+fixture.SiteHost)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ca, _ := pki.NewRoot("bench root", time.Now())
+	caFile := filepath.Join(root, "root.pem")
+	os.WriteFile(caFile, ca.PEM(), 0o644)
+	pairs := []*fixture.Pair{threeCertPair(b, filepath.Join(root, "a"), ca), threeCertPair(b, filepath.Join(root, "b"), ca)}
+	src := filepath.Join(root, "src")
+	os.MkdirAll(src, 0o700)
+	cert, key := filepath.Join(src, "fullchain.pem"), filepath.Join(src, "privkey.pem")
+	install := func(p *fixture.Pair) {
+		for dst, from := range map[string]string{key: p.KeyFile, cert: p.CertFile} {
+			data, _ := os.ReadFile(from)
+			os.WriteFile(dst+".tmp", data, 0o600)
+			os.Rename(dst+".tmp", dst)
+		}
+	}
+	install(pairs[0])
+
+	const quiet = 50 * time.Millisecond
+	opts := agent.WatchOptions{Quiet: quiet, MaxWait: time.Second, Reconcile: -1, Push: agent.PushOptions{
+		CertFile: cert, KeyFile: key, MattermostDir: tree.MattermostDir, StateDir: tree.StateDir,
+		CAFile: caFile, Owner: mmUser, NoRestart: true}}
+	installed := filepath.Join(tree.ConfigDir, "privkey.pem")
+	fsw, err := fsnotify.NewWatcher()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer fsw.Close()
+	fsw.Add(tree.ConfigDir)
+	waitInstalled := func(p *fixture.Pair) {
+		want, _ := os.ReadFile(p.KeyFile)
+		deadline := time.After(10 * time.Second)
+		for {
+			if got, _ := os.ReadFile(installed); bytes.Equal(got, want) {
+				return
+			}
+			select {
+			case <-fsw.Events:
+			case err := <-fsw.Errors:
+				b.Fatal(err)
+			case <-deadline:
+				b.Fatal("pair not installed after 10s")
+			}
+		}
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	w := agent.NewWatcher(&agent.Pusher{}, nil, nil)
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx, opts) }()
+	defer func() { cancel(); <-done }()
+	waitInstalled(pairs[0])
+
+	var total time.Duration
+	i := 0
+	for b.Loop() {
+		i++
+		p := pairs[i%2]
+		start := time.Now()
+		install(p)
+		waitInstalled(p)
+		total += time.Since(start)
+	}
+	b.ReportMetric(float64((total/time.Duration(i)-quiet).Microseconds())/1000, "ms-beyond-quiet/op")
 }

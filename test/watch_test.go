@@ -2,8 +2,10 @@ package test
 
 import (
 	"bytes"
-	"context"
 	"fmt"
+	"io"
+	"net/http"
+	"strconv"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -238,8 +240,9 @@ func TestWatchSourceDirRecreated(t *testing.T) {
 	n.waitServes(t, addr, c2)
 }
 
-// SIGHUP re-reads the config file; SIGTERM stops the loop cleanly.
-func TestWatchStopsOnSIGTERM(t *testing.T) {
+// Metrics are served; SIGHUP re-reads the config file; SIGTERM stops the
+// loop cleanly.
+func TestWatchMetricsAndSignals(t *testing.T) {
 	n := newNode(t)
 	root, rootFile := newRoot(t, n)
 	c := newChain(t, root)
@@ -248,8 +251,28 @@ func TestWatchStopsOnSIGTERM(t *testing.T) {
 	os.WriteFile(filepath.Join(src, "c.pem"), c.FullChain(), 0o600)
 	os.WriteFile(filepath.Join(src, "k.pem"), c.Leaf.KeyPEM, 0o600)
 	addr, _ := fixture.PickPort()
-	w := n.startWatch(t, filepath.Join(src, "c.pem"), filepath.Join(src, "k.pem"), rootFile, addr)
+	metrics, _ := fixture.PickPort()
+	w := n.startWatch(t, filepath.Join(src, "c.pem"), filepath.Join(src, "k.pem"), rootFile, addr, "--metrics-listen", metrics)
 	n.waitServes(t, addr, c)
+	waitFor(t, 10*time.Second, func() error {
+		resp, err := http.Get("http://" + metrics + "/metrics")
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		for _, want := range []string{
+			`mmtls_pushes_total{result="changed"} 1`,
+			`mmtls_mattermost_restarts_total 1`,
+			fmt.Sprintf("mmtls_cert_not_after_timestamp_seconds %s", strconv.FormatFloat(float64(c.Leaf.Cert.NotAfter.Unix()), 'g', -1, 64)),
+			"mmtls_verify_duration_seconds_count 1",
+		} {
+			if !strings.Contains(string(body), want) {
+				return fmt.Errorf("metrics lack %q", want)
+			}
+		}
+		return nil
+	})
 	w.cmd.Process.Signal(syscall.SIGHUP)
 	waitFor(t, 10*time.Second, func() error {
 		if !strings.Contains(w.log(), "configuration reloaded") {
@@ -266,7 +289,6 @@ func TestWatchStopsOnSIGTERM(t *testing.T) {
 	if code := w.cmd.ProcessState.ExitCode(); code != 0 {
 		t.Errorf("exit code %d after SIGTERM", code)
 	}
-	_ = context.Background
 }
 
 func fingerprintOf(c *pki.Chain) string {

@@ -1,0 +1,58 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/mmtls/mmtls/packaging"
+)
+
+func writeConfig(t *testing.T, content string) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("the config file must be root's: needs root")
+	}
+	path := filepath.Join(t.TempDir(), "mmtls.toml")
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func TestConfigCheck(t *testing.T) {
+	path := writeConfig(t, packaging.ExampleConfig)
+	code, out, stderr := runArgs("config", "check", "--config", path)
+	if code != 0 {
+		t.Fatalf("config check of the example: exit %d: %s", code, stderr)
+	}
+	for _, want := range []string{`owner = "mattermost"`, `quiet = "5s"`, `mode = "auto"`, `lock_wait = "15m0s"`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("effective settings lack %s:\n%s", want, out)
+		}
+	}
+
+	bad := writeConfig(t, strings.Replace(packaging.ExampleConfig, "# quiet = \"5s\"", "quiet = \"soon\"", 1))
+	code, _, stderr = runArgs("config", "check", "--config", bad)
+	if code != exitUsage || !strings.Contains(stderr, bad+":") || !strings.Contains(stderr, `watch.quiet: "soon" is not a duration`) {
+		t.Errorf("bad value: exit %d, %s", code, stderr)
+	}
+}
+
+func TestServiceInstallDryRun(t *testing.T) {
+	path := writeConfig(t, packaging.ExampleConfig+"\n")
+	code, out, stderr := runArgs("service", "install", "--dry-run", "--config", path, "--binary", "/usr/bin/mmtls")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	if !strings.Contains(out, "ExecStart=/usr/bin/mmtls run --config "+path+"\n") || !strings.Contains(out, "ReadWritePaths=/opt/mattermost/config\n") {
+		t.Errorf("unit:\n%s", out)
+	}
+	if code, _, stderr := runArgs("service", "stop", "--dry-run"); code != exitUsage || !strings.Contains(stderr, "--dry-run goes with install") {
+		t.Errorf("stop --dry-run: %d %s", code, stderr)
+	}
+	if code, _, stderr := runArgs("service", "frobnicate"); code != exitUsage || !strings.Contains(stderr, `unknown action "frobnicate"`) {
+		t.Errorf("unknown action: %d %s", code, stderr)
+	}
+}
