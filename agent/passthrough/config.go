@@ -1,0 +1,175 @@
+package passthrough
+
+import (
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+)
+
+// Method is a balancing method.
+type Method string
+
+// Methods.
+const (
+	MethodHash       Method = "hash"        // nginx's hash $remote_addr consistent; the default
+	MethodRoundRobin Method = "round-robin" // smooth weighted round-robin
+	MethodLeastConn  Method = "least-conn"  // fewest active connections, weighted
+)
+
+// HealthMode is an active health check.
+type HealthMode string
+
+// Health check modes.
+const (
+	HealthNone HealthMode = "none" // the default: passive checks only
+	HealthTCP  HealthMode = "tcp"  // a TCP connect
+	HealthTLS  HealthMode = "tls"  // a TLS handshake, certificate verified
+	HealthPing HealthMode = "ping" // HTTPS GET /api/v4/system/ping, 200 with "status":"OK"
+)
+
+// Upstream is one Mattermost node.
+type Upstream struct {
+	// Addr is host:port, as written in nginx's server directive; the ring
+	// hashes this string.
+	Addr string
+	// Weight is 0 or more; 0 means 1.
+	Weight int
+}
+
+// Config configures a Balancer. Zero values mean the documented defaults;
+// negative durations disable where said.
+type Config struct {
+	Upstreams []Upstream
+	Method    Method // "" means MethodHash
+
+	// ConnectTimeout bounds one connect to an upstream. 0 means 5s.
+	ConnectTimeout time.Duration
+	// NextUpstreamTries bounds the upstreams tried per connection. 0 means
+	// all of them.
+	NextUpstreamTries int
+	// NextUpstreamTimeout bounds the time spent trying upstreams. 0 means 30s.
+	NextUpstreamTimeout time.Duration
+	// MaxFails connect failures within FailTimeout take an upstream out
+	// for FailTimeout, as nginx's max_fails and fail_timeout. 0 means 1
+	// and 10s; a negative MaxFails disables passive checks.
+	MaxFails    int
+	FailTimeout time.Duration
+
+	// IdleTimeout closes a connection with no bytes either way for this
+	// long (nginx's proxy_timeout). 0 means 10m.
+	IdleTimeout time.Duration
+	// HelloTimeout bounds reading the ClientHello. 0 means 10s.
+	HelloTimeout time.Duration
+	// MaxConns caps concurrent client connections; at the cap the accept
+	// loop pauses. 0 means no cap.
+	MaxConns int
+
+	// DisableSNIPeek forwards bytes blindly, as nginx without ssl_preread.
+	// By default the ClientHello is read (and replayed to the upstream) to
+	// log its server name, and non-TLS traffic is closed.
+	DisableSNIPeek bool
+	// SNIAllow, if not empty, closes connections whose server name is not
+	// in it.
+	SNIAllow []string
+
+	Health HealthConfig
+
+	// DrainTimeout bounds how long a drained upstream's connections may
+	// live. 0 means they live until they end; Mattermost websockets never
+	// end by themselves, so set it.
+	DrainTimeout time.Duration
+
+	// Logger receives connection-level events at debug and state changes
+	// at info. Nil discards.
+	Logger *slog.Logger
+}
+
+// HealthConfig configures active health checks, with HAProxy's rise and
+// fall semantics.
+type HealthConfig struct {
+	Mode     HealthMode    // "" means HealthNone
+	Interval time.Duration // 0 means 2s
+	Timeout  time.Duration // per check; 0 means Interval
+	Rise     int           // consecutive successes to come up; 0 means 2
+	Fall     int           // consecutive failures to go down; 0 means 3
+	// ServerName is the SNI and the name verified (tls, ping).
+	ServerName string
+	// RootCAs verifies the upstream's certificate; nil means the system roots.
+	RootCAs *x509.CertPool
+	// CutOnDown closes an upstream's connections when it goes down. By
+	// default they continue.
+	CutOnDown bool
+}
+
+func (c *Config) connectTimeout() time.Duration { return or(c.ConnectTimeout, 5*time.Second) }
+func (c *Config) nextTimeout() time.Duration    { return or(c.NextUpstreamTimeout, 30*time.Second) }
+func (c *Config) idleTimeout() time.Duration    { return or(c.IdleTimeout, 10*time.Minute) }
+func (c *Config) helloTimeout() time.Duration   { return or(c.HelloTimeout, 10*time.Second) }
+func (c *Config) failTimeout() time.Duration    { return or(c.FailTimeout, 10*time.Second) }
+func (c *Config) maxFails() int {
+	if c.MaxFails == 0 {
+		return 1
+	}
+	return c.MaxFails
+}
+func (c *Config) method() Method {
+	if c.Method == "" {
+		return MethodHash
+	}
+	return c.Method
+}
+func (h *HealthConfig) interval() time.Duration { return or(h.Interval, 2*time.Second) }
+func (h *HealthConfig) timeout() time.Duration  { return or(h.Timeout, h.interval()) }
+func (h *HealthConfig) rise() int               { return orInt(h.Rise, 2) }
+func (h *HealthConfig) fall() int               { return orInt(h.Fall, 3) }
+
+func or(d, def time.Duration) time.Duration {
+	if d == 0 {
+		return def
+	}
+	return d
+}
+
+func orInt(n, def int) int {
+	if n <= 0 {
+		return def
+	}
+	return n
+}
+
+// Validate reports the first problem with c.
+func (c *Config) Validate() error {
+	if len(c.Upstreams) == 0 {
+		return errors.New("no upstreams")
+	}
+	seen := map[string]bool{}
+	for _, u := range c.Upstreams {
+		if _, _, err := net.SplitHostPort(u.Addr); err != nil {
+			return fmt.Errorf("upstream %q: want host:port: %w", u.Addr, err)
+		}
+		if seen[u.Addr] {
+			return fmt.Errorf("upstream %q: listed twice", u.Addr)
+		}
+		seen[u.Addr] = true
+		if u.Weight < 0 {
+			return fmt.Errorf("upstream %q: negative weight", u.Addr)
+		}
+	}
+	switch c.method() {
+	case MethodHash, MethodRoundRobin, MethodLeastConn:
+	default:
+		return fmt.Errorf("method %q: want hash, round-robin or least-conn", c.Method)
+	}
+	switch c.Health.Mode {
+	case "", HealthNone, HealthTCP, HealthTLS, HealthPing:
+	default:
+		return fmt.Errorf("health check %q: want none, tcp, tls or ping", c.Health.Mode)
+	}
+	if (c.Health.Mode == HealthTLS || c.Health.Mode == HealthPing) && c.Health.ServerName == "" {
+		return fmt.Errorf("health check %s needs a server name", c.Health.Mode)
+	}
+	return nil
+}

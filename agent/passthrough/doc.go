@@ -1,0 +1,17 @@
+// Package passthrough is a layer-4 TLS-passthrough balancer: it forwards
+// TCP connections to upstream Mattermost nodes without terminating TLS,
+// as an nginx stream {} block with proxy_pass does.
+//
+// It balances by consistent hashing on the client address with exactly
+// nginx's mapping for `hash $remote_addr consistent` (or round-robin, or
+// least connections), tries the next upstream on a connect error or
+// timeout, takes failing upstreams out passively (max_fails, fail_timeout)
+// and actively (TCP, TLS or Mattermost ping health checks), drains an
+// upstream on request, and shuts down gracefully. It can peek at the TLS
+// ClientHello to log or filter the server name, without consuming or
+// terminating anything.
+//
+// It does not terminate TLS, speak the PROXY protocol or look at HTTP:
+// Mattermost sees the balancer's address as the client's. It imports
+// nothing of mmtls.
+package passthrough

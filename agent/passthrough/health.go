@@ -1,0 +1,108 @@
+package passthrough
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"time"
+)
+
+// checkLoop runs u's active health check until ctx ends. It is the one
+// goroutine per upstream; state changes are logged once.
+func (b *Balancer) checkLoop(ctx context.Context, u *upstream, h HealthConfig) {
+	defer b.healthWG.Done()
+	t := time.NewTicker(h.interval())
+	defer t.Stop()
+	for {
+		err := check(ctx, u.Addr, h)
+		if ctx.Err() != nil {
+			return
+		}
+		b.recordCheck(u, h, err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (b *Balancer) recordCheck(u *upstream, h HealthConfig, err error) {
+	b.mu.Lock()
+	var cut []*conn
+	if err == nil {
+		u.falls, u.rises = 0, u.rises+1
+		if !u.healthy && u.rises >= h.rise() {
+			u.healthy = true
+			b.log.Info("upstream is up", "upstream", u.Addr, "checks", u.rises)
+		}
+	} else {
+		u.rises, u.falls = 0, u.falls+1
+		if u.healthy && u.falls >= h.fall() {
+			u.healthy = false
+			b.log.Warn("upstream is down", "upstream", u.Addr, "checks", u.falls, "err", err)
+			if h.CutOnDown {
+				for c := range u.conns {
+					cut = append(cut, c)
+				}
+			}
+		}
+	}
+	b.mu.Unlock()
+	for _, c := range cut {
+		c.close()
+	}
+}
+
+// check makes one health check of addr.
+func check(ctx context.Context, addr string, h HealthConfig) error {
+	ctx, cancel := context.WithTimeout(ctx, h.timeout())
+	defer cancel()
+	tc := &tls.Config{ServerName: h.ServerName, RootCAs: h.RootCAs}
+	switch h.Mode {
+	case HealthTCP:
+		c, err := (&net.Dialer{}).DialContext(ctx, "tcp", addr)
+		if err != nil {
+			return err
+		}
+		return c.Close()
+	case HealthTLS:
+		c, err := (&tls.Dialer{Config: tc}).DialContext(ctx, "tcp", addr)
+		if err != nil {
+			return err
+		}
+		return c.Close()
+	case HealthPing:
+		tr := &http.Transport{
+			TLSClientConfig:   tc,
+			DisableKeepAlives: true,
+			DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+				return (&net.Dialer{}).DialContext(ctx, network, addr)
+			},
+		}
+		defer tr.CloseIdleConnections()
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+h.ServerName+"/api/v4/system/ping", nil)
+		if err != nil {
+			return err
+		}
+		resp, err := (&http.Client{Transport: tr}).Do(req)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		var st struct {
+			Status string `json:"status"`
+		}
+		json.Unmarshal(body, &st)
+		if resp.StatusCode != http.StatusOK || st.Status != "OK" {
+			return fmt.Errorf("ping: HTTP %d, status %q", resp.StatusCode, st.Status)
+		}
+		return nil
+	}
+	return nil
+}

@@ -1,0 +1,136 @@
+package passthrough
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+)
+
+// maxHello bounds the ClientHello read: post-quantum key shares make real
+// hellos span several TCP segments, but never this much.
+const maxHello = 64 << 10
+
+var errNotTLS = errors.New("not a TLS handshake")
+
+// peekClientHello reads from c until it holds a whole ClientHello, across
+// TCP segments and TLS records, and returns the bytes read (to be replayed
+// to the upstream, unchanged) and the server name, "" when none was sent.
+func peekClientHello(c net.Conn) ([]byte, string, error) {
+	buf := make([]byte, 0, 2048)
+	var hs []byte // the handshake message so far, records unwrapped
+	off := 0      // start of the next record in buf
+	for {
+		// A whole record header and body in buf?
+		for len(buf)-off >= 5 {
+			if buf[off] != 0x16 {
+				return nil, "", errNotTLS
+			}
+			n := int(binary.BigEndian.Uint16(buf[off+3 : off+5]))
+			if buf[off+1] != 3 || n == 0 || n > 1<<14+2048 {
+				return nil, "", errNotTLS
+			}
+			if len(buf)-off < 5+n {
+				break
+			}
+			hs = append(hs, buf[off+5:off+5+n]...)
+			off += 5 + n
+			if len(hs) >= 4 {
+				if hs[0] != 1 {
+					return nil, "", fmt.Errorf("%w: first handshake message is type %d", errNotTLS, hs[0])
+				}
+				mlen := int(hs[1])<<16 | int(hs[2])<<8 | int(hs[3])
+				if mlen > maxHello {
+					return nil, "", fmt.Errorf("%w: ClientHello of %d bytes", errNotTLS, mlen)
+				}
+				if len(hs) >= 4+mlen {
+					sni, err := serverName(hs[4 : 4+mlen])
+					return buf, sni, err
+				}
+			}
+		}
+		if len(buf) >= maxHello {
+			return nil, "", fmt.Errorf("%w: no complete ClientHello in %d bytes", errNotTLS, len(buf))
+		}
+		if cap(buf)-len(buf) < 1024 {
+			nb := make([]byte, len(buf), 2*cap(buf))
+			copy(nb, buf)
+			buf = nb
+		}
+		n, err := c.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err != nil {
+			if err == io.EOF && len(buf) == 0 {
+				return nil, "", err
+			}
+			if n == 0 {
+				return nil, "", err
+			}
+		}
+	}
+}
+
+// serverName parses a ClientHello body and returns its server_name.
+func serverName(b []byte) (string, error) {
+	bad := fmt.Errorf("%w: malformed ClientHello", errNotTLS)
+	// version(2) random(32)
+	if len(b) < 34 {
+		return "", bad
+	}
+	b = b[34:]
+	skip := func(lenBytes int) bool {
+		if len(b) < lenBytes {
+			return false
+		}
+		n := 0
+		for i := range lenBytes {
+			n = n<<8 | int(b[i])
+		}
+		if len(b) < lenBytes+n {
+			return false
+		}
+		b = b[lenBytes+n:]
+		return true
+	}
+	if !skip(1) || !skip(2) || !skip(1) { // session id, cipher suites, compression
+		return "", bad
+	}
+	if len(b) == 0 {
+		return "", nil // no extensions
+	}
+	if len(b) < 2 {
+		return "", bad
+	}
+	ext := b[2:]
+	if int(binary.BigEndian.Uint16(b)) != len(ext) {
+		return "", bad
+	}
+	for len(ext) >= 4 {
+		typ, n := binary.BigEndian.Uint16(ext), int(binary.BigEndian.Uint16(ext[2:]))
+		if len(ext) < 4+n {
+			return "", bad
+		}
+		data := ext[4 : 4+n]
+		ext = ext[4+n:]
+		if typ != 0 { // server_name
+			continue
+		}
+		if len(data) < 2 {
+			return "", bad
+		}
+		list := data[2:]
+		for len(list) >= 3 {
+			nt, nl := list[0], int(binary.BigEndian.Uint16(list[1:]))
+			if len(list) < 3+nl {
+				return "", bad
+			}
+			if nt == 0 {
+				return string(list[3 : 3+nl]), nil
+			}
+			list = list[3+nl:]
+		}
+		return "", nil
+	}
+	return "", nil
+}

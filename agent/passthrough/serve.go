@@ -1,0 +1,264 @@
+package passthrough
+
+import (
+	"context"
+	"errors"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Serve accepts connections on ln and forwards them until Shutdown (then
+// it returns ErrClosed) or ctx is cancelled. It owns ln and closes it. At
+// MaxConns, or when accepting fails for lack of file descriptors, it pauses
+// with backoff instead of spinning.
+func (b *Balancer) Serve(ctx context.Context, ln net.Listener) error {
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		ln.Close()
+		return ErrClosed
+	}
+	b.lns[ln] = struct{}{}
+	b.mu.Unlock()
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	defer func() {
+		b.mu.Lock()
+		delete(b.lns, ln)
+		b.mu.Unlock()
+		ln.Close()
+	}()
+
+	var backoff time.Duration
+	for {
+		if b.slots != nil {
+			select {
+			case b.slots <- struct{}{}:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		c, err := ln.Accept()
+		if err != nil {
+			b.release()
+			if b.isClosed() {
+				return ErrClosed
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return err
+			}
+			// EMFILE, ENFILE, ECONNABORTED...: wait and try again.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			b.log.Warn("accept failed; pausing", "err", err, "pause", backoff)
+			t := time.NewTimer(backoff)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				return ctx.Err()
+			}
+			continue
+		}
+		backoff = 0
+		b.handlers.Add(1)
+		go b.handle(c)
+	}
+}
+
+func (b *Balancer) release() {
+	if b.slots != nil {
+		<-b.slots
+	}
+}
+
+func (b *Balancer) isClosed() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.closed
+}
+
+// conn is one client connection and, once connected, its upstream.
+type conn struct {
+	client   net.Conn
+	mu       sync.Mutex
+	upstream net.Conn
+	closed   bool
+}
+
+func (c *conn) setUpstream(u net.Conn) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return false
+	}
+	c.upstream = u
+	return true
+}
+
+// close closes both sides; safe to call more than once, from any goroutine.
+func (c *conn) close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	c.closed = true
+	c.client.Close()
+	if c.upstream != nil {
+		c.upstream.Close()
+	}
+}
+
+// handle serves one client connection; it owns client.
+func (b *Balancer) handle(client net.Conn) {
+	defer b.handlers.Done()
+	defer b.release()
+	c := &conn{client: client}
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		client.Close()
+		return
+	}
+	b.conns[c] = struct{}{}
+	cfg := b.cfg
+	b.mu.Unlock()
+	defer func() {
+		c.close()
+		b.mu.Lock()
+		delete(b.conns, c)
+		b.mu.Unlock()
+	}()
+
+	var hello []byte
+	log := b.log.With("client", client.RemoteAddr().String())
+	if !cfg.DisableSNIPeek {
+		client.SetReadDeadline(time.Now().Add(cfg.helloTimeout()))
+		h, sni, err := peekClientHello(client)
+		if err != nil {
+			log.Debug("closing connection: no TLS ClientHello", "err", err)
+			return
+		}
+		client.SetReadDeadline(time.Time{})
+		if len(cfg.SNIAllow) > 0 && !slices.Contains(cfg.SNIAllow, strings.ToLower(sni)) {
+			log.Info("closing connection: server name not allowed", "sni", sni)
+			return
+		}
+		log = log.With("sni", sni)
+		hello = h
+	}
+
+	u, up := b.connect(c, clientKey(client.RemoteAddr()))
+	if up == nil {
+		log.Warn("closing connection", "err", ErrNoLiveUpstreams)
+		return
+	}
+	defer b.released(u, c)
+	log.Debug("proxying", "upstream", u.Addr)
+	if len(hello) > 0 {
+		if _, err := up.Write(hello); err != nil {
+			return
+		}
+	}
+	splice(c.client, up, cfg.idleTimeout())
+}
+
+// connect dials upstreams in the method's order until one answers, within
+// the tries and time budgets. Once connected, nothing is retried.
+func (b *Balancer) connect(c *conn, key string) (*upstream, net.Conn) {
+	b.mu.Lock()
+	cfg := b.cfg
+	n := len(b.ups)
+	b.mu.Unlock()
+	tries := cfg.NextUpstreamTries
+	if tries <= 0 || tries > n {
+		tries = n
+	}
+	deadline := time.Now().Add(cfg.nextTimeout())
+	p := b.newPicker(key)
+	for range tries {
+		now := time.Now()
+		if now.After(deadline) {
+			return nil, nil
+		}
+		u := p.next(now)
+		if u == nil {
+			return nil, nil
+		}
+		d := net.Dialer{Timeout: min(cfg.connectTimeout(), time.Until(deadline))}
+		up, err := d.Dial("tcp", u.Addr)
+		if err != nil {
+			b.log.Debug("upstream connect failed; trying the next", "upstream", u.Addr, "err", err)
+			b.failed(u, time.Now())
+			continue
+		}
+		if !c.setUpstream(up) {
+			up.Close()
+			return nil, nil
+		}
+		b.succeeded(u, c)
+		return u, up
+	}
+	return nil, nil
+}
+
+// clientKey is the client address as nginx prints $remote_addr: an IPv4
+// client of a dual-stack listener in dotted form, as nginx's (IPv6-only by
+// default) listeners see it.
+func clientKey(a net.Addr) string {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		return ta.IP.String()
+	}
+	host, _, err := net.SplitHostPort(a.String())
+	if err != nil {
+		return a.String()
+	}
+	return host
+}
+
+// Shutdown stops accepting, stops health checks, waits for connections to
+// end until ctx is done, then closes the rest, and returns once every
+// connection handler has exited: http.Server's semantics.
+func (b *Balancer) Shutdown(ctx context.Context) error {
+	b.mu.Lock()
+	b.closed = true
+	for ln := range b.lns {
+		ln.Close()
+	}
+	if b.health != nil {
+		b.health()
+	}
+	for _, u := range b.ups {
+		if u.drainTimer != nil {
+			u.drainTimer.Stop()
+		}
+	}
+	b.mu.Unlock()
+	b.healthWG.Wait()
+
+	done := make(chan struct{})
+	go func() { b.handlers.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+	}
+	b.mu.Lock()
+	left := make([]*conn, 0, len(b.conns))
+	for c := range b.conns {
+		left = append(left, c)
+	}
+	b.mu.Unlock()
+	b.log.Info("shutdown deadline passed; closing connections", "connections", len(left))
+	for _, c := range left {
+		c.close()
+	}
+	<-done
+	return ctx.Err()
+}
