@@ -100,7 +100,7 @@ those engines instead of running.`,
 	f.DurationVar(&bf.idleTimeout, "idle-timeout", 10*time.Minute, "close a connection idle both ways this long")
 	f.DurationVar(&bf.drainTimeout, "drain-timeout", 0, "how long a drained node's connections may live (0: until they end)")
 	f.IntVar(&bf.maxConns, "max-conns", 0, "cap on concurrent connections (0: none)")
-	f.StringVar(&bf.controlSocket, "control-socket", defaultControlSocket, "control socket for status, drain and undrain")
+	cmd.PersistentFlags().StringVar(&bf.controlSocket, "control-socket", defaultControlSocket, "control socket for status, drain and undrain")
 	f.StringVar(&bf.print, "print", "", "print the equivalent nginx or haproxy configuration and exit")
 
 	for _, verb := range []string{"status", "drain", "undrain"} {
