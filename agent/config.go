@@ -44,6 +44,9 @@ type Config struct {
 	Watch   WatchConfig   `toml:"watch"`
 	Cluster ClusterConfig `toml:"cluster"`
 	Metrics MetricsConfig `toml:"metrics"`
+	// Balance, when it names listeners and upstreams, runs the balancer
+	// (mmtls balance) in the agent too.
+	Balance BalanceOptions `toml:"balance"`
 }
 
 // SourceConfig names the pair the agent watches and pushes.
@@ -208,6 +211,14 @@ func (c *Config) validate() error {
 	}
 	if c.Watch.MaxWait.Duration > 0 && c.Watch.Quiet.Duration > c.Watch.MaxWait.Duration {
 		return bad("watch.max_wait", "%s is shorter than watch.quiet (%s)", c.Watch.MaxWait.Duration, c.Watch.Quiet.Duration)
+	}
+	if b := c.Balance; len(b.Upstreams) > 0 {
+		if len(b.Listen) == 0 {
+			b.Listen = []string{":443"} // may come from --listen
+		}
+		if _, err := b.Config(nil); err != nil {
+			return &ConfigError{Key: "balance", Err: err}
+		}
 	}
 	// The source may come from flags instead (mmtls watch --config):
 	// RequireSource checks it where the file alone must do.

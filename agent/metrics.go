@@ -11,6 +11,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/mmtls/mmtls/agent/passthrough"
 )
 
 // DefaultMetricsPort is the port of --metrics-listen given without a host.
@@ -152,4 +154,67 @@ func ServeMetrics(ctx context.Context, ln net.Listener, m *Metrics, log *slog.Lo
 	case err := <-errc:
 		return fmt.Errorf("metrics server: %w", err)
 	}
+}
+
+// watchBalancer exports the balancer's per-upstream state.
+func (m *Metrics) watchBalancer(b *passthrough.Balancer) {
+	if m == nil {
+		return
+	}
+	m.Registry.MustRegister(&balancerCollector{b: b})
+}
+
+var (
+	upActiveDesc   = prometheus.NewDesc("mmtls_balance_upstream_connections", "Live connections to the upstream.", []string{"upstream"}, nil)
+	upTotalDesc    = prometheus.NewDesc("mmtls_balance_upstream_connections_total", "Connections made to the upstream.", []string{"upstream"}, nil)
+	upBytesDesc    = prometheus.NewDesc("mmtls_balance_upstream_bytes_total", "Bytes forwarded, by direction.", []string{"upstream", "direction"}, nil)
+	upHealthyDesc  = prometheus.NewDesc("mmtls_balance_upstream_up", "1 when the upstream takes new connections (healthy, not failing, not draining).", []string{"upstream"}, nil)
+	upDrainingDesc = prometheus.NewDesc("mmtls_balance_upstream_draining", "1 while the upstream is drained.", []string{"upstream"}, nil)
+)
+
+// balancerCollector reads the balancer's state at each scrape.
+type balancerCollector struct{ b *passthrough.Balancer }
+
+func (c *balancerCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{upActiveDesc, upTotalDesc, upBytesDesc, upHealthyDesc, upDrainingDesc} {
+		ch <- d
+	}
+}
+
+func (c *balancerCollector) Collect(ch chan<- prometheus.Metric) {
+	b2f := func(b bool) float64 {
+		if b {
+			return 1
+		}
+		return 0
+	}
+	for _, u := range c.b.Status() {
+		ch <- prometheus.MustNewConstMetric(upActiveDesc, prometheus.GaugeValue, float64(u.Active), u.Addr)
+		ch <- prometheus.MustNewConstMetric(upTotalDesc, prometheus.CounterValue, float64(u.Total), u.Addr)
+		ch <- prometheus.MustNewConstMetric(upBytesDesc, prometheus.CounterValue, float64(u.BytesToUpstream), u.Addr, "to_upstream")
+		ch <- prometheus.MustNewConstMetric(upBytesDesc, prometheus.CounterValue, float64(u.BytesToClient), u.Addr, "to_client")
+		ch <- prometheus.MustNewConstMetric(upHealthyDesc, prometheus.GaugeValue, b2f(u.Healthy && !u.PassiveDown && !u.Draining), u.Addr)
+		ch <- prometheus.MustNewConstMetric(upDrainingDesc, prometheus.GaugeValue, b2f(u.Draining), u.Addr)
+	}
+}
+
+// StartMetrics serves m on listen ([host:]port; 127.0.0.1 without a host)
+// until ctx ends. wait blocks until the server has stopped.
+func StartMetrics(ctx context.Context, listen string, m *Metrics, log *slog.Logger) (wait func(), err error) {
+	addr, err := MetricsAddr(listen)
+	if err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics: %w", err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := ServeMetrics(ctx, ln, m, log); err != nil {
+			logger(log).Error("metrics endpoint stopped", "err", err)
+		}
+	}()
+	return func() { <-done }, nil
 }

@@ -2,9 +2,9 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"sync"
 	"time"
 
@@ -84,9 +84,17 @@ type Agent struct {
 	Logger        *slog.Logger
 	// UnitDirs: see Pusher.
 	UnitDirs []string
+	// Balance, if not nil, runs the balancer beside the watch loop
+	// (a [balance] section in the config file).
+	Balance *BalanceService
+	// NoWatch runs the balancer alone: a config file without [source].
+	NoWatch bool
 
 	watcher *Watcher
 }
+
+// Metrics returns the agent's metrics, shared with its balancer.
+func (a *Agent) Metrics() *Metrics { return a.watcher.Metrics }
 
 // NewAgent returns an agent; set its exported fields before Run.
 func NewAgent(log *slog.Logger) *Agent {
@@ -98,38 +106,50 @@ func NewAgent(log *slog.Logger) *Agent {
 func (a *Agent) Run(ctx context.Context) error {
 	log := logger(a.Logger)
 	m := a.watcher.Metrics
-	lock, err := NewRestartLock(a.ClusterMode, a.ClusterDSN, a.LockWait, a.Splay, a.Watch.Push, a.UnitDirs, log, m)
-	if err != nil {
-		return err
+	if a.NoWatch && a.Balance == nil {
+		return usage(errors.New("nothing to run: the config has neither [source] nor [balance]"))
 	}
-	if lock != nil {
-		log.Info("restarts are coordinated across the cluster", "with", lock.String())
-	}
-	// The loop is not running yet: nothing else reads the Pusher.
-	a.watcher.Pusher.UnitDirs, a.watcher.Pusher.Cluster = a.UnitDirs, lock
-
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	if a.MetricsListen != "" {
-		addr, err := MetricsAddr(a.MetricsListen)
+	if !a.NoWatch {
+		lock, err := NewRestartLock(a.ClusterMode, a.ClusterDSN, a.LockWait, a.Splay, a.Watch.Push, a.UnitDirs, log, m)
 		if err != nil {
 			return err
 		}
-		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			return fmt.Errorf("metrics: %w", err)
+		if lock != nil {
+			log.Info("restarts are coordinated across the cluster", "with", lock.String())
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := ServeMetrics(ctx, ln, m, log); err != nil {
-				log.Error("metrics endpoint stopped", "err", err)
-			}
-		}()
+		// The loop is not running yet: nothing else reads the Pusher.
+		a.watcher.Pusher.UnitDirs, a.watcher.Pusher.Cluster = a.UnitDirs, lock
 	}
-	return a.watcher.Run(ctx, a.Watch)
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if a.MetricsListen != "" {
+		wait, err := StartMetrics(ctx, a.MetricsListen, m, log)
+		if err != nil {
+			return err
+		}
+		defer wait()
+		defer cancel() // runs first: stops the server, then waits for it
+	}
+	if a.Balance == nil {
+		return a.watcher.Run(ctx, a.Watch)
+	}
+	a.Balance.Metrics = m
+	errc := make(chan error, 2)
+	running := 1
+	go func() { errc <- a.Balance.Run(ctx) }()
+	if !a.NoWatch {
+		running++
+		go func() { errc <- a.watcher.Run(ctx, a.Watch) }()
+	}
+	var first error
+	for range running {
+		if err := <-errc; err != nil && first == nil {
+			first = err
+			cancel() // one failed: stop the other
+		}
+	}
+	return first
 }
 
 // Reload hands the watch loop new options (SIGHUP). Safe to call from

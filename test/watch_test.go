@@ -1,7 +1,6 @@
 package test
 
 import (
-	"bytes"
 	"fmt"
 	"io"
 	"net/http"
@@ -10,7 +9,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -29,22 +27,11 @@ const (
 // watcher is a running `mmtls watch` process.
 type watcher struct {
 	cmd    *exec.Cmd
-	mu     sync.Mutex
-	stderr bytes.Buffer
+	stderr lockedBuffer
 	done   chan struct{}
 }
 
-func (w *watcher) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.stderr.Write(p)
-}
-
-func (w *watcher) log() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.stderr.String()
-}
+func (w *watcher) log() string { return w.stderr.String() }
 
 // startWatch runs `mmtls watch` for the node with a config file holding
 // the test's watch timings; the source pair and extra flags are given.
@@ -68,7 +55,7 @@ func (n *node) startWatchCluster(t *testing.T, cluster, restart, cert, key, root
 		"--listen", listen, "--restart-command", restart, "--verify-timeout", "20s"}
 	w := &watcher{done: make(chan struct{})}
 	w.cmd = exec.Command(mmtlsBin, append(args, extra...)...)
-	w.cmd.Stderr = w
+	w.cmd.Stderr = &w.stderr
 	if err := w.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -28,6 +29,10 @@ type upstream struct {
 	drainTimer   *time.Timer // closes what is left at the drain deadline; nil without one
 	curWeight    int         // smooth weighted round-robin
 	conns        map[*conn]struct{}
+	total        int // connections made
+
+	// Bytes forwarded, updated by the copy loops without the lock.
+	toUpstream, toClient atomic.Int64
 }
 
 func (u *upstream) weight() int {
@@ -250,6 +255,7 @@ func (b *Balancer) succeeded(u *upstream, c *conn) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	u.fails = 0
+	u.total++
 	u.conns[c] = struct{}{}
 }
 
@@ -330,6 +336,10 @@ type UpstreamStatus struct {
 	PassiveDown bool   `json:"passive_down"`
 	Draining    bool   `json:"draining"`
 	Active      int    `json:"active"`
+	// Total connections made, and bytes forwarded each way.
+	Total           int   `json:"total"`
+	BytesToUpstream int64 `json:"bytes_to_upstream"`
+	BytesToClient   int64 `json:"bytes_to_client"`
 }
 
 // Status reports every upstream.
@@ -342,6 +352,7 @@ func (b *Balancer) Status() []UpstreamStatus {
 		mf := b.cfg.maxFails()
 		out = append(out, UpstreamStatus{
 			Addr: u.Addr, Weight: u.weight(), Healthy: u.healthy, Draining: u.draining, Active: len(u.conns),
+			Total: u.total, BytesToUpstream: u.toUpstream.Load(), BytesToClient: u.toClient.Load(),
 			PassiveDown: mf > 0 && u.fails >= mf && now.Sub(u.checked) <= b.cfg.failTimeout(),
 		})
 	}

@@ -21,12 +21,13 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b 
 // splice forwards bytes both ways between client and upstream until both
 // directions end, carrying half-closes across, or until neither direction
 // has moved a byte for idle. It closes neither connection.
-func splice(client, upstream net.Conn, idle time.Duration) {
+// toUp and toClient count the bytes forwarded each way.
+func splice(client, upstream net.Conn, idle time.Duration, toUp, toClient *atomic.Int64) {
 	var last atomic.Int64
 	last.Store(time.Now().UnixNano())
 	done := make(chan struct{}, 2)
-	go copyHalf(upstream, client, idle, &last, done)
-	copyHalf(client, upstream, idle, &last, done)
+	go copyHalf(upstream, client, idle, &last, toUp, done)
+	copyHalf(client, upstream, idle, &last, toClient, done)
 	<-done
 	<-done
 }
@@ -35,7 +36,7 @@ func splice(client, upstream net.Conn, idle time.Duration) {
 // waits for readability through the descriptor, then borrows a buffer for
 // one read and write. At src's EOF it half-closes dst. If neither
 // direction has moved for idle, it closes both to end the other half too.
-func copyHalf(dst, src net.Conn, idle time.Duration, last *atomic.Int64, done chan<- struct{}) {
+func copyHalf(dst, src net.Conn, idle time.Duration, last, count *atomic.Int64, done chan<- struct{}) {
 	defer func() { done <- struct{}{} }()
 	for {
 		src.SetReadDeadline(time.Unix(0, last.Load()).Add(idle))
@@ -61,6 +62,7 @@ func copyHalf(dst, src net.Conn, idle time.Duration, last *atomic.Int64, done ch
 				src.Close()
 				return
 			}
+			count.Add(int64(n))
 		}
 		bufPool.Put(bp)
 		if rerr == io.EOF {

@@ -165,8 +165,9 @@ func (b *Balancer) handle(client net.Conn) {
 		if _, err := up.Write(hello); err != nil {
 			return
 		}
+		u.toUpstream.Add(int64(len(hello)))
 	}
-	splice(c.client, up, cfg.idleTimeout())
+	splice(c.client, up, cfg.idleTimeout(), &u.toUpstream, &u.toClient)
 }
 
 // connect dials upstreams in the method's order until one answers, within

@@ -2,39 +2,99 @@ package main
 
 import (
 	"context"
-	"crypto/x509"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
-	"path/filepath"
-	"strconv"
+	"os/signal"
 	"strings"
-	"sync"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
+	"github.com/mmtls/mmtls/agent"
 	"github.com/mmtls/mmtls/agent/passthrough"
 )
 
-const defaultControlSocket = "/run/mmtls/balance.sock"
-
+// balanceFlags binds the balancer's settings to flags and lays the ones
+// the user set over the config file's [balance] section.
 type balanceFlags struct {
-	listen, upstreams, sniAllow          []string
-	method, health, healthServer, caFile string
-	healthInterval, drainTimeout         time.Duration
-	connectTimeout, idleTimeout          time.Duration
-	sniPeek                              bool
-	maxConns                             int
-	controlSocket, print                 string
+	o             agent.BalanceOptions
+	sniPeek       bool
+	config, print string
+	metricsListen string
+	set           map[string]func(*agent.BalanceOptions)
+}
+
+func addBalanceFlags(cmd *cobra.Command) *balanceFlags {
+	bf := &balanceFlags{set: map[string]func(*agent.BalanceOptions){}}
+	f, o := cmd.Flags(), &bf.o
+	strs := func(p *[]string, name, usage string, copy func(*agent.BalanceOptions)) {
+		f.StringArrayVar(p, name, nil, usage)
+		bf.set[name] = copy
+	}
+	str := func(p *string, name, def, usage string, copy func(*agent.BalanceOptions)) {
+		f.StringVar(p, name, def, usage)
+		bf.set[name] = copy
+	}
+	dur := func(p *agent.Duration, name string, def time.Duration, usage string, copy func(*agent.BalanceOptions)) {
+		f.DurationVar(&p.Duration, name, def, usage)
+		bf.set[name] = copy
+	}
+	strs(&o.Listen, "listen", "address to listen on, [host]:port (repeatable; required)", func(d *agent.BalanceOptions) { d.Listen = o.Listen })
+	strs(&o.Upstreams, "upstream", "a Mattermost node, HOST:PORT[,weight=N] (repeatable; required)", func(d *agent.BalanceOptions) { d.Upstreams = o.Upstreams })
+	strs(&o.SNIAllow, "sni-allow", "only accept this server name (repeatable; needs --sni-peek)", func(d *agent.BalanceOptions) { d.SNIAllow = o.SNIAllow })
+	str(&o.Method, "method", "hash", "hash (nginx's hash $remote_addr consistent), round-robin or least-conn", func(d *agent.BalanceOptions) { d.Method = o.Method })
+	str(&o.HealthCheck, "health-check", "none", "active health check: none, tcp, tls or ping", func(d *agent.BalanceOptions) { d.HealthCheck = o.HealthCheck })
+	str(&o.HealthServerName, "health-server-name", "", "server name for tls and ping checks (SiteURL's host)", func(d *agent.BalanceOptions) { d.HealthServerName = o.HealthServerName })
+	str(&o.CAFile, "ca-file", "", "roots that verify the nodes' certificates in tls and ping checks (default: the system's)", func(d *agent.BalanceOptions) { d.CAFile = o.CAFile })
+	dur(&o.HealthInterval, "health-interval", 2*time.Second, "time between health checks (down after 3 failures, up after 2 successes)", func(d *agent.BalanceOptions) { d.HealthInterval = o.HealthInterval })
+	dur(&o.ConnectTimeout, "connect-timeout", 5*time.Second, "timeout of one connect to a node", func(d *agent.BalanceOptions) { d.ConnectTimeout = o.ConnectTimeout })
+	dur(&o.IdleTimeout, "idle-timeout", 10*time.Minute, "close a connection idle both ways this long", func(d *agent.BalanceOptions) { d.IdleTimeout = o.IdleTimeout })
+	dur(&o.DrainTimeout, "drain-timeout", 0, "how long a drained node's connections may live (0: until they end)", func(d *agent.BalanceOptions) { d.DrainTimeout = o.DrainTimeout })
+	f.IntVar(&o.MaxConns, "max-conns", 0, "cap on concurrent connections (0: none)")
+	bf.set["max-conns"] = func(d *agent.BalanceOptions) { d.MaxConns = o.MaxConns }
+	f.BoolVar(&bf.sniPeek, "sni-peek", true, "read the ClientHello to log the server name and close non-TLS traffic")
+	bf.set["sni-peek"] = func(d *agent.BalanceOptions) { v := bf.sniPeek; d.SNIPeek = &v }
+	f.StringVar(&bf.config, "config", "", "the agent's config file; its [balance] section holds these settings, which flags override")
+	f.StringVar(&bf.metricsListen, "metrics-listen", "", "serve Prometheus metrics here, [host:]port (127.0.0.1 when no host)")
+	f.StringVar(&bf.print, "print", "", "print the equivalent nginx or haproxy configuration and exit")
+	cmd.PersistentFlags().StringVar(&o.ControlSocket, "control-socket", agent.DefaultControlSocket, "control socket for status, drain and undrain")
+	bf.set["control-socket"] = func(d *agent.BalanceOptions) { d.ControlSocket = o.ControlSocket }
+	return bf
+}
+
+// options loads the config file, if any, and lays the set flags over it.
+func (bf *balanceFlags) options(f *pflag.FlagSet) (agent.BalanceOptions, string, error) {
+	base := agent.BalanceOptions{}
+	metrics := bf.metricsListen
+	if bf.config != "" {
+		c, err := agent.LoadConfig(bf.config)
+		if err != nil {
+			return base, "", usageError(err)
+		}
+		base = c.Balance
+		if !f.Changed("metrics-listen") {
+			metrics = c.Metrics.Listen
+		}
+	} else {
+		base = bf.o // every flag, defaults included
+		v := bf.sniPeek
+		base.SNIPeek = &v
+	}
+	f.Visit(func(fl *pflag.Flag) {
+		if set, ok := bf.set[fl.Name]; ok {
+			set(&base)
+		}
+	})
+	return base, metrics, nil
 }
 
 func newBalanceCmd(a *app) *cobra.Command {
-	bf := &balanceFlags{}
+	var bf *balanceFlags
 	cmd := &cobra.Command{
 		Use:   "balance --listen ADDR --upstream HOST:PORT[,weight=N] [--upstream ...]",
 		Short: "Run a TLS-passthrough balancer in front of the Mattermost nodes",
@@ -54,7 +114,9 @@ close non-TLS traffic; --sni-peek=false forwards bytes blindly.
 "mmtls balance drain HOST:PORT" stops new connections to a node (existing
 ones continue until --drain-timeout); "undrain" undoes it; "status" shows
 every node. They talk to the running balancer over --control-socket (root
-only). SIGTERM stops accepting and waits for connections up to 30s.
+only). SIGHUP re-reads --config's [balance] section (live connections and
+listeners are kept); SIGTERM stops accepting and waits up to 30s for live
+connections.
 
 What passthrough costs: Mattermost sees the balancer's address as every
 client's, so its per-IP rate limiting and audit logs see one client, and
@@ -65,183 +127,82 @@ those engines instead of running.`,
 		Example: `  mmtls balance --listen :443 --upstream app1:443 --upstream app2:443 \
       --health-check ping --health-server-name chat.example.com
 
+  mmtls balance --config /etc/mmtls/mmtls.toml
   mmtls balance status
   mmtls balance drain app1:443
   mmtls balance --listen :443 --upstream app1:443 --upstream app2:443 --print nginx`,
 		Args: usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := bf.config(a)
+			f := cmd.Flags()
+			o, metrics, err := bf.options(f)
 			if err != nil {
 				return err
 			}
 			switch bf.print {
 			case "":
-			case "nginx":
-				return writeNginx(cmd.OutOrStdout(), bf, cfg)
-			case "haproxy":
-				return writeHAProxy(cmd.OutOrStdout(), bf, cfg)
+			case "nginx", "haproxy":
+				if len(o.Listen) == 0 {
+					o.Listen = []string{":443"}
+				}
+				cfg, err := o.Config(a.log)
+				if err != nil {
+					return err
+				}
+				if bf.print == "nginx" {
+					return writeNginx(cmd.OutOrStdout(), o, cfg)
+				}
+				return writeHAProxy(cmd.OutOrStdout(), o, cfg)
 			default:
 				return usageError(fmt.Errorf("--print %q: want nginx or haproxy", bf.print))
 			}
-			return runBalancer(cmd.Context(), a, bf, cfg)
+			if _, err := o.Config(a.log); err != nil {
+				return err
+			}
+			return runBalance(cmd.Context(), a, bf, f, o, metrics)
 		},
 	}
-	f := cmd.Flags()
-	f.StringArrayVar(&bf.listen, "listen", nil, "address to listen on, [host]:port (repeatable; required)")
-	f.StringArrayVar(&bf.upstreams, "upstream", nil, "a Mattermost node, HOST:PORT[,weight=N] (repeatable; required)")
-	f.StringVar(&bf.method, "method", "hash", "hash (nginx's hash $remote_addr consistent), round-robin or least-conn")
-	f.StringVar(&bf.health, "health-check", "none", "active health check: none, tcp, tls or ping")
-	f.DurationVar(&bf.healthInterval, "health-interval", 2*time.Second, "time between health checks (down after 3 failures, up after 2 successes)")
-	f.StringVar(&bf.healthServer, "health-server-name", "", "server name for tls and ping checks (SiteURL's host)")
-	f.StringVar(&bf.caFile, "ca-file", "", "roots that verify the nodes' certificates in tls and ping checks (default: the system's)")
-	f.BoolVar(&bf.sniPeek, "sni-peek", true, "read the ClientHello to log the server name and close non-TLS traffic")
-	f.StringArrayVar(&bf.sniAllow, "sni-allow", nil, "only accept this server name (repeatable; implies --sni-peek)")
-	f.DurationVar(&bf.connectTimeout, "connect-timeout", 5*time.Second, "timeout of one connect to a node")
-	f.DurationVar(&bf.idleTimeout, "idle-timeout", 10*time.Minute, "close a connection idle both ways this long")
-	f.DurationVar(&bf.drainTimeout, "drain-timeout", 0, "how long a drained node's connections may live (0: until they end)")
-	f.IntVar(&bf.maxConns, "max-conns", 0, "cap on concurrent connections (0: none)")
-	cmd.PersistentFlags().StringVar(&bf.controlSocket, "control-socket", defaultControlSocket, "control socket for status, drain and undrain")
-	f.StringVar(&bf.print, "print", "", "print the equivalent nginx or haproxy configuration and exit")
-
+	bf = addBalanceFlags(cmd)
 	for _, verb := range []string{"status", "drain", "undrain"} {
-		cmd.AddCommand(newBalanceControlCmd(verb, &bf.controlSocket))
+		cmd.AddCommand(newBalanceControlCmd(verb, &bf.o.ControlSocket))
 	}
 	return cmd
 }
 
-func (bf *balanceFlags) config(a *app) (passthrough.Config, error) {
-	var errs []error
-	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
-	if len(bf.listen) == 0 && bf.print == "" {
-		bad("--listen is required")
-	}
-	for _, l := range bf.listen {
-		if _, _, err := net.SplitHostPort(l); err != nil {
-			bad("--listen %q: want [host]:port", l)
-		}
-	}
-	if len(bf.upstreams) == 0 {
-		bad("--upstream is required (one per Mattermost node)")
-	}
-	cfg := passthrough.Config{
-		Method: passthrough.Method(bf.method), ConnectTimeout: bf.connectTimeout, IdleTimeout: bf.idleTimeout,
-		DisableSNIPeek: !bf.sniPeek, SNIAllow: bf.sniAllow, DrainTimeout: bf.drainTimeout, MaxConns: bf.maxConns,
-		Logger: a.log,
-		Health: passthrough.HealthConfig{Mode: passthrough.HealthMode(bf.health), Interval: bf.healthInterval, ServerName: bf.healthServer},
-	}
-	if len(bf.sniAllow) > 0 && !bf.sniPeek {
-		bad("--sni-allow needs --sni-peek")
-	}
-	for _, u := range bf.upstreams {
-		addr, opt, _ := strings.Cut(u, ",")
-		up := passthrough.Upstream{Addr: addr}
-		if opt != "" {
-			w, ok := strings.CutPrefix(opt, "weight=")
-			n, err := strconv.Atoi(w)
-			if !ok || err != nil || n < 1 {
-				bad("--upstream %q: want HOST:PORT or HOST:PORT,weight=N with N >= 1", u)
-			}
-			up.Weight = n
-		}
-		cfg.Upstreams = append(cfg.Upstreams, up)
-	}
-	if bf.caFile != "" {
-		data, err := os.ReadFile(bf.caFile)
-		pool := x509.NewCertPool()
-		if err != nil || !pool.AppendCertsFromPEM(data) {
-			bad("--ca-file %q: no PEM certificate could be read (%v)", bf.caFile, err)
-		}
-		cfg.Health.RootCAs = pool
-	}
-	if err := errors.Join(errs...); err != nil {
-		return cfg, usageError(err)
-	}
-	if err := cfg.Validate(); err != nil {
-		return cfg, usageError(err)
-	}
-	return cfg, nil
-}
-
-func runBalancer(ctx context.Context, a *app, bf *balanceFlags, cfg passthrough.Config) error {
-	b, err := passthrough.New(cfg)
-	if err != nil {
-		return err
-	}
-	var lns []net.Listener
-	for _, addr := range bf.listen {
-		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			for _, l := range lns {
-				l.Close()
-			}
-			return fmt.Errorf("--listen %s: %w", addr, err)
-		}
-		lns = append(lns, ln)
-	}
-	ctl, err := listenControl(bf.controlSocket)
-	if err != nil {
-		for _, l := range lns {
-			l.Close()
-		}
-		return err
-	}
-	defer os.Remove(bf.controlSocket)
-
-	var wg sync.WaitGroup
-	serveCtx, cancel := context.WithCancel(context.Background())
+func runBalance(ctx context.Context, a *app, bf *balanceFlags, f *pflag.FlagSet, o agent.BalanceOptions, metrics string) error {
+	m := agent.NewMetrics()
+	svc := &agent.BalanceService{Options: o, Logger: a.log, Metrics: m}
+	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	for _, ln := range lns {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := b.Serve(serveCtx, ln); err != nil && !errors.Is(err, passthrough.ErrClosed) && serveCtx.Err() == nil {
-				a.log.Error("listener stopped", "addr", ln.Addr().String(), "err", err)
-			}
-		}()
-	}
-	wg.Add(1)
+	done := make(chan struct{})
 	go func() {
-		defer wg.Done()
-		if err := b.ServeControl(serveCtx, ctl, 0); err != nil {
-			a.log.Error("control socket stopped", "err", err)
+		defer close(done)
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				fresh, _, err := bf.options(f)
+				if err == nil {
+					err = svc.Reload(fresh)
+				}
+				if err != nil {
+					a.log.Error("reload: keeping the running configuration", "err", err)
+				}
+			}
 		}
 	}()
-	a.log.Info("balancing", "listen", bf.listen, "upstreams", bf.upstreams, "method", cfg.Method)
-	<-ctx.Done()
-	a.log.Info("shutting down: no new connections; waiting for live ones", "connections", b.ActiveConns(), "deadline", "30s")
-	sctx, scancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer scancel()
-	err = b.Shutdown(sctx)
-	cancel()
-	wg.Wait()
-	if errors.Is(err, context.DeadlineExceeded) {
-		return nil // the rest were closed, as asked
-	}
-	return err
-}
-
-// listenControl makes the control socket, root's alone.
-func listenControl(path string) (*net.UnixListener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("--control-socket: %w", err)
-	}
-	if fi, err := os.Lstat(path); err == nil && fi.Mode().Type() == os.ModeSocket {
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("--control-socket %s: another balancer is running", path)
+	defer func() { cancel(); <-done }()
+	if metrics != "" {
+		wait, err := agent.StartMetrics(ctx, metrics, m, a.log)
+		if err != nil {
+			return err
 		}
-		os.Remove(path) // a stale socket
+		defer wait()
 	}
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		return nil, fmt.Errorf("--control-socket: %w", err)
-	}
-	ln.SetUnlinkOnClose(false)
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("--control-socket: %w", err)
-	}
-	return ln, nil
+	return svc.Run(ctx)
 }
 
 func newBalanceControlCmd(verb string, socket *string) *cobra.Command {
@@ -284,7 +245,7 @@ func newBalanceControlCmd(verb string, socket *string) *cobra.Command {
 
 func printUpstreams(w io.Writer, ups []passthrough.UpstreamStatus) error {
 	tw := tabwriter.NewWriter(w, 2, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "UPSTREAM\tWEIGHT\tHEALTH\tDRAINING\tCONNECTIONS")
+	fmt.Fprintln(tw, "UPSTREAM\tWEIGHT\tHEALTH\tDRAINING\tCONNECTIONS\tTOTAL")
 	for _, u := range ups {
 		health := "up"
 		switch {
@@ -293,7 +254,7 @@ func printUpstreams(w io.Writer, ups []passthrough.UpstreamStatus) error {
 		case u.PassiveDown:
 			health = "down (connect failures)"
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%v\t%d\n", u.Addr, u.Weight, health, u.Draining, u.Active)
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%v\t%d\t%d\n", u.Addr, u.Weight, health, u.Draining, u.Active, u.Total)
 	}
 	return tw.Flush()
 }

@@ -4,15 +4,17 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"time"
 
+	"github.com/mmtls/mmtls/agent"
 	"github.com/mmtls/mmtls/agent/passthrough"
 )
 
 // writeNginx writes the nginx stream configuration equivalent to the
 // balancer's settings, for those who outgrow it.
-func writeNginx(w io.Writer, bf *balanceFlags, cfg passthrough.Config) error {
+func writeNginx(w io.Writer, o agent.BalanceOptions, cfg passthrough.Config) error {
 	var b strings.Builder
-	fmt.Fprintf(&b, "# Equivalent of: mmtls balance %s\n", strings.Join(balanceArgs(bf), " "))
+	fmt.Fprintf(&b, "# Equivalent of: mmtls balance %s\n", strings.Join(balanceArgs(o), " "))
 	b.WriteString("# Needs the stream module (Debian: libnginx-mod-stream). Active health\n# checks are nginx Plus only; this keeps the passive ones.\nstream {\n    upstream mattermost {\n")
 	switch cfg.Method {
 	case passthrough.MethodRoundRobin:
@@ -29,13 +31,13 @@ func writeNginx(w io.Writer, bf *balanceFlags, cfg passthrough.Config) error {
 		fmt.Fprintf(&b, "        server %s%s max_fails=1 fail_timeout=10s;\n", u.Addr, weight)
 	}
 	b.WriteString("    }\n    server {\n")
-	for _, l := range bf.listen {
+	for _, l := range o.Listen {
 		fmt.Fprintf(&b, "        listen %s;\n", l)
 	}
-	if bf.sniPeek {
+	if !cfg.DisableSNIPeek {
 		b.WriteString("        ssl_preread on;\n")
 	}
-	fmt.Fprintf(&b, "        proxy_pass mattermost;\n        proxy_connect_timeout %s;\n        proxy_timeout %s;\n", nginxDuration(bf.connectTimeout.Seconds()), nginxDuration(bf.idleTimeout.Seconds()))
+	fmt.Fprintf(&b, "        proxy_pass mattermost;\n        proxy_connect_timeout %s;\n        proxy_timeout %s;\n", nginxDuration(orDur(cfg.ConnectTimeout, 5*time.Second).Seconds()), nginxDuration(orDur(cfg.IdleTimeout, 10*time.Minute).Seconds()))
 	b.WriteString("        # proxy_next_upstream takes on|off in stream {} (on by default);\n        # the HTTP form \"error timeout\" fails nginx -t here, and so does ip_hash.\n        proxy_next_upstream on;\n")
 	b.WriteString("    }\n}\n")
 	_, err := io.WriteString(w, b.String())
@@ -50,17 +52,17 @@ func nginxDuration(sec float64) string {
 }
 
 // writeHAProxy writes the HAProxy mode tcp equivalent.
-func writeHAProxy(w io.Writer, bf *balanceFlags, cfg passthrough.Config) error {
+func writeHAProxy(w io.Writer, o agent.BalanceOptions, cfg passthrough.Config) error {
 	var b strings.Builder
-	fmt.Fprintf(&b, "# Equivalent of: mmtls balance %s\n", strings.Join(balanceArgs(bf), " "))
+	fmt.Fprintf(&b, "# Equivalent of: mmtls balance %s\n", strings.Join(balanceArgs(o), " "))
 	b.WriteString("# HAProxy's consistent source hash is its own: clients map differently\n# than with nginx or mmtls.\n")
 	fmt.Fprintf(&b, "defaults\n    mode tcp\n    timeout connect %ds\n    timeout client %ds\n    timeout server %ds\n    retries 1\n    option redispatch\n\n",
-		int(bf.connectTimeout.Seconds()), int(bf.idleTimeout.Seconds()), int(bf.idleTimeout.Seconds()))
+		int(orDur(cfg.ConnectTimeout, 5*time.Second).Seconds()), int(orDur(cfg.IdleTimeout, 10*time.Minute).Seconds()), int(orDur(cfg.IdleTimeout, 10*time.Minute).Seconds()))
 	b.WriteString("frontend mattermost\n")
-	for _, l := range bf.listen {
+	for _, l := range o.Listen {
 		fmt.Fprintf(&b, "    bind %s\n", l)
 	}
-	if bf.sniPeek {
+	if !cfg.DisableSNIPeek {
 		b.WriteString("    tcp-request inspect-delay 10s\n    tcp-request content accept if { req.ssl_hello_type 1 }\n")
 	}
 	b.WriteString("    default_backend mattermost\n\nbackend mattermost\n")
@@ -83,7 +85,7 @@ func writeHAProxy(w io.Writer, bf *balanceFlags, cfg passthrough.Config) error {
 		}
 	}
 	if check != "" {
-		fmt.Fprintf(&b, "    default-server inter %dms fall 3 rise 2\n", bf.healthInterval.Milliseconds())
+		fmt.Fprintf(&b, "    default-server inter %dms fall 3 rise 2\n", orDur(cfg.Health.Interval, 2*time.Second).Milliseconds())
 	}
 	for i, u := range cfg.Upstreams {
 		weight := ""
@@ -96,12 +98,19 @@ func writeHAProxy(w io.Writer, bf *balanceFlags, cfg passthrough.Config) error {
 	return err
 }
 
-func balanceArgs(bf *balanceFlags) []string {
+func orDur(d, def time.Duration) time.Duration {
+	if d == 0 {
+		return def
+	}
+	return d
+}
+
+func balanceArgs(o agent.BalanceOptions) []string {
 	var args []string
-	for _, l := range bf.listen {
+	for _, l := range o.Listen {
 		args = append(args, "--listen", l)
 	}
-	for _, u := range bf.upstreams {
+	for _, u := range o.Upstreams {
 		args = append(args, "--upstream", u)
 	}
 	return args

@@ -45,8 +45,15 @@ func (af *agentFlags) build(f *pflag.FlagSet, a *app) (*agent.Agent, error) {
 	ag := agent.NewAgent(a.log)
 	ag.Watch = cfg.WatchOptions()
 	ag.Watch.Push = af.push.over(f, ag.Watch.Push)
-	if err := ag.Watch.Push.Validate(); err != nil {
-		return nil, err
+	if cfg.Balance.Enabled() {
+		ag.Balance = &agent.BalanceService{Options: cfg.Balance, Logger: a.log}
+	}
+	// A balancer-only host: the file has [balance] and no source.
+	ag.NoWatch = ag.Balance != nil && ag.Watch.Push.CertFile == "" && ag.Watch.Push.KeyFile == ""
+	if !ag.NoWatch {
+		if err := ag.Watch.Push.Validate(); err != nil {
+			return nil, err
+		}
 	}
 	ag.ClusterMode, ag.ClusterDSN = cfg.Cluster.Mode, cfg.Cluster.DSN
 	ag.LockWait, ag.Splay = cfg.Cluster.LockWait.Duration, cfg.Cluster.Splay.Duration
@@ -79,7 +86,14 @@ func (af *agentFlags) reloadOnHUP(ctx context.Context, f *pflag.FlagSet, a *app,
 				a.log.Error("reload: keeping the running configuration", "err", err)
 				continue
 			}
-			ag.Reload(fresh.Watch)
+			if !ag.NoWatch {
+				ag.Reload(fresh.Watch)
+			}
+			if ag.Balance != nil && fresh.Balance != nil {
+				if err := ag.Balance.Reload(fresh.Balance.Options); err != nil {
+					a.log.Error("reload: keeping the running balancer configuration", "err", err)
+				}
+			}
 		}
 	}
 }
