@@ -41,6 +41,11 @@ type BalanceOptions struct {
 	DrainTimeout     Duration `toml:"drain_timeout"`
 	MaxConns         int      `toml:"max_conns"`
 	ControlSocket    string   `toml:"control_socket"`
+	// RedirectHTTP, if set, listens for plain HTTP there and redirects to
+	// SiteURL's host, serving ACME challenges from ACMEWebroot.
+	RedirectHTTP string `toml:"redirect_http"`
+	SiteURL      string `toml:"site_url"`
+	ACMEWebroot  string `toml:"acme_webroot"`
 }
 
 // Enabled reports whether the options ask for a balancer at all.
@@ -94,6 +99,16 @@ func (o BalanceOptions) Config(log *slog.Logger) (passthrough.Config, error) {
 			bad("--ca-file %q: no PEM certificate could be read", o.CAFile)
 		}
 		cfg.Health.RootCAs = pool
+	}
+	if o.RedirectHTTP != "" {
+		if _, _, err := net.SplitHostPort(o.RedirectHTTP); err != nil {
+			bad("--redirect-http %q: want [host]:port", o.RedirectHTTP)
+		}
+		if _, err := RedirectHandler(o.SiteURL, o.ACMEWebroot); err != nil {
+			bad("--redirect-http needs --site-url https://host: %v", err)
+		}
+	} else if o.ACMEWebroot != "" {
+		bad("--acme-webroot goes with --redirect-http")
 	}
 	if err := errors.Join(errs...); err != nil {
 		return cfg, usage(err)
@@ -164,6 +179,17 @@ func (s *BalanceService) Run(ctx context.Context) error {
 
 	serveCtx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	if s.Options.RedirectHTTP != "" {
+		wait, err := serveRedirect(serveCtx, s.Options.RedirectHTTP, s.Options.SiteURL, s.Options.ACMEWebroot, log)
+		if err != nil {
+			closeAll()
+			ctl.Close()
+			b.Shutdown(context.Background())
+			return err
+		}
+		defer wait()
+		defer cancel()
+	}
 	var wg sync.WaitGroup
 	for _, ln := range lns {
 		wg.Add(1)

@@ -55,6 +55,9 @@ func addBalanceFlags(cmd *cobra.Command) *balanceFlags {
 	dur(&o.ConnectTimeout, "connect-timeout", 5*time.Second, "timeout of one connect to a node", func(d *agent.BalanceOptions) { d.ConnectTimeout = o.ConnectTimeout })
 	dur(&o.IdleTimeout, "idle-timeout", 10*time.Minute, "close a connection idle both ways this long", func(d *agent.BalanceOptions) { d.IdleTimeout = o.IdleTimeout })
 	dur(&o.DrainTimeout, "drain-timeout", 0, "how long a drained node's connections may live (0: until they end)", func(d *agent.BalanceOptions) { d.DrainTimeout = o.DrainTimeout })
+	str(&o.RedirectHTTP, "redirect-http", "", "also listen for plain HTTP here and redirect it to --site-url's host (301)", func(d *agent.BalanceOptions) { d.RedirectHTTP = o.RedirectHTTP })
+	str(&o.SiteURL, "site-url", "", "Mattermost's SiteURL (https://host), where --redirect-http sends clients", func(d *agent.BalanceOptions) { d.SiteURL = o.SiteURL })
+	str(&o.ACMEWebroot, "acme-webroot", "", "serve /.well-known/acme-challenge/ from this directory on --redirect-http (certbot --webroot)", func(d *agent.BalanceOptions) { d.ACMEWebroot = o.ACMEWebroot })
 	f.IntVar(&o.MaxConns, "max-conns", 0, "cap on concurrent connections (0: none)")
 	bf.set["max-conns"] = func(d *agent.BalanceOptions) { d.MaxConns = o.MaxConns }
 	f.BoolVar(&bf.sniPeek, "sni-peek", true, "read the ClientHello to log the server name and close non-TLS traffic")

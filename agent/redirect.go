@@ -1,0 +1,77 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+)
+
+// acmeToken is what an HTTP-01 challenge token looks like (base64url).
+var acmeToken = regexp.MustCompile(`^[A-Za-z0-9_-]{1,256}$`)
+
+const acmePrefix = "/.well-known/acme-challenge/"
+
+// RedirectHandler sends every plain-HTTP request to https://<SiteURL's
+// host> with the same path and query (301), except ACME HTTP-01 challenges,
+// served from webroot/.well-known/acme-challenge/ (certbot --webroot) so
+// renewals keep working; without a webroot they get 404. Mattermost's own
+// Forward80To443 cannot work behind a passthrough balancer.
+func RedirectHandler(siteURL, webroot string) (http.Handler, error) {
+	u, err := url.Parse(siteURL)
+	if err != nil || u.Scheme != "https" || u.Host == "" {
+		return nil, fmt.Errorf("--site-url %q: want https://host", siteURL)
+	}
+	host := u.Host
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if tok, ok := strings.CutPrefix(r.URL.Path, acmePrefix); ok {
+			if webroot == "" || !acmeToken.MatchString(tok) {
+				http.NotFound(w, r)
+				return
+			}
+			http.ServeFile(w, r, filepath.Join(webroot, ".well-known", "acme-challenge", tok))
+			return
+		}
+		http.Redirect(w, r, "https://"+host+r.URL.RequestURI(), http.StatusMovedPermanently)
+	}), nil
+}
+
+// serveRedirect runs the redirect listener until ctx ends.
+func serveRedirect(ctx context.Context, addr, siteURL, webroot string, log *slog.Logger) (func(), error) {
+	h, err := RedirectHandler(siteURL, webroot)
+	if err != nil {
+		return nil, usage(err)
+	}
+	if webroot != "" {
+		if fi, err := os.Stat(webroot); err != nil || !fi.IsDir() {
+			return nil, usage(fmt.Errorf("--acme-webroot %q: not a directory", webroot))
+		}
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--redirect-http %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: time.Minute}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			logger(log).Error("redirect listener stopped", "err", err)
+		}
+	}()
+	stop := context.AfterFunc(ctx, func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+	})
+	logger(log).Info("redirecting plain HTTP to https", "listen", ln.Addr().String(), "site_url", siteURL, "acme_webroot", webroot)
+	return func() { <-done; stop() }, nil
+}
