@@ -18,26 +18,39 @@ const bufSize = 32 << 10
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
 
-// splice forwards bytes both ways between client and upstream until both
-// directions end, carrying half-closes across, or until neither direction
-// has moved a byte for idle. It closes neither connection.
-// toUp and toClient count the bytes forwarded each way.
-func splice(client, upstream net.Conn, idle time.Duration, toUp, toClient *atomic.Int64) {
-	var last atomic.Int64
-	last.Store(time.Now().UnixNano())
-	done := make(chan struct{}, 2)
-	go copyHalf(upstream, client, idle, &last, toUp, done)
-	copyHalf(client, upstream, idle, &last, toClient, done)
-	<-done
-	<-done
+// splice forwards bytes both ways between client and upstream, in two
+// goroutines of its own, until both directions end, carrying half-closes
+// across, or until neither direction has moved a byte for idle; then it
+// calls done. It returns at once and closes neither connection. toUp and
+// toClient count the bytes forwarded each way.
+func splice(client, upstream net.Conn, idle time.Duration, toUp, toClient *atomic.Int64, done func()) {
+	h := &halves{done: done}
+	h.last.Store(time.Now().UnixNano())
+	h.left.Store(2)
+	go copyHalf(upstream, client, idle, h, toUp)
+	go copyHalf(client, upstream, idle, h, toClient)
+}
+
+// halves is what the two directions of one connection share.
+type halves struct {
+	last atomic.Int64 // UnixNano of the last byte moved either way
+	left atomic.Int32 // directions still running
+	done func()
+}
+
+func (h *halves) finish() {
+	if h.left.Add(-1) == 0 {
+		h.done()
+	}
 }
 
 // copyHalf copies src to dst. While src is idle it holds no buffer: it
 // waits for readability through the descriptor, then borrows a buffer for
 // one read and write. At src's EOF it half-closes dst. If neither
 // direction has moved for idle, it closes both to end the other half too.
-func copyHalf(dst, src net.Conn, idle time.Duration, last, count *atomic.Int64, done chan<- struct{}) {
-	defer func() { done <- struct{}{} }()
+func copyHalf(dst, src net.Conn, idle time.Duration, h *halves, count *atomic.Int64) {
+	defer h.finish()
+	last := &h.last
 	for {
 		src.SetReadDeadline(time.Unix(0, last.Load()).Add(idle))
 		err := waitReadable(src)

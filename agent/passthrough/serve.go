@@ -66,7 +66,7 @@ func (b *Balancer) Serve(ctx context.Context, ln net.Listener) error {
 			continue
 		}
 		backoff = 0
-		b.handlers.Add(1)
+		b.handlers.Add(1) // Done when the connection is over (see handle)
 		go b.handle(c)
 	}
 }
@@ -115,59 +115,71 @@ func (c *conn) close() {
 	}
 }
 
-// handle serves one client connection; it owns client.
+// handle serves one client connection; it owns client. It peeks, picks
+// and connects, then hands the connection to two fresh copy goroutines and
+// returns: its own stack, grown by the dial and the peek, is not kept for
+// the connection's idle life.
 func (b *Balancer) handle(client net.Conn) {
-	defer b.handlers.Done()
-	defer b.release()
 	c := &conn{client: client}
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
 		client.Close()
+		b.release()
+		b.handlers.Done()
 		return
 	}
 	b.conns[c] = struct{}{}
 	cfg := b.cfg
 	b.mu.Unlock()
-	defer func() {
+	var u *upstream
+	finish := func() {
 		c.close()
+		if u != nil {
+			b.released(u, c)
+		}
 		b.mu.Lock()
 		delete(b.conns, c)
 		b.mu.Unlock()
-	}()
+		b.release()
+		b.handlers.Done()
+	}
 
 	var hello []byte
-	log := b.log.With("client", client.RemoteAddr().String())
 	if !cfg.DisableSNIPeek {
 		client.SetReadDeadline(time.Now().Add(cfg.helloTimeout()))
 		h, sni, err := peekClientHello(client)
 		if err != nil {
-			log.Debug("closing connection: no TLS ClientHello", "err", err)
+			b.log.Debug("closing connection: no TLS ClientHello", "client", client.RemoteAddr().String(), "err", err)
+			finish()
 			return
 		}
 		client.SetReadDeadline(time.Time{})
 		if len(cfg.SNIAllow) > 0 && !slices.Contains(cfg.SNIAllow, strings.ToLower(sni)) {
-			log.Info("closing connection: server name not allowed", "sni", sni)
+			b.log.Info("closing connection: server name not allowed", "client", client.RemoteAddr().String(), "sni", sni)
+			finish()
 			return
 		}
-		log = log.With("sni", sni)
+		b.log.Debug("client hello", "client", client.RemoteAddr().String(), "sni", sni)
 		hello = h
 	}
 
-	u, up := b.connect(c, clientKey(client.RemoteAddr()))
+	var up net.Conn
+	u, up = b.connect(c, clientKey(client.RemoteAddr()))
 	if up == nil {
-		log.Warn("closing connection", "err", ErrNoLiveUpstreams)
+		b.log.Warn("closing connection", "client", client.RemoteAddr().String(), "err", ErrNoLiveUpstreams)
+		finish()
 		return
 	}
-	defer b.released(u, c)
-	log.Debug("proxying", "upstream", u.Addr)
+	b.log.Debug("proxying", "client", client.RemoteAddr().String(), "upstream", u.Addr)
 	if len(hello) > 0 {
 		if _, err := up.Write(hello); err != nil {
+			finish()
 			return
 		}
 		u.toUpstream.Add(int64(len(hello)))
 	}
-	splice(c.client, up, cfg.idleTimeout(), &u.toUpstream, &u.toClient)
+	splice(c.client, up, cfg.idleTimeout(), &u.toUpstream, &u.toClient, finish)
 }
 
 // connect dials upstreams in the method's order until one answers, within
