@@ -159,8 +159,11 @@ func (s *BalanceService) Run(ctx context.Context) error {
 			l.Close()
 		}
 	}
+	// No TCP keep-alive probes on client connections (four setsockopt
+	// calls per accept): the idle timeout ends dead connections.
+	lc := net.ListenConfig{KeepAlive: -1}
 	for _, addr := range s.Options.Listen {
-		ln, err := net.Listen("tcp", addr)
+		ln, err := lc.Listen(context.Background(), "tcp", addr)
 		if err != nil {
 			closeAll()
 			b.Shutdown(context.Background())

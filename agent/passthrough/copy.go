@@ -45,79 +45,94 @@ func (h *halves) finish() {
 }
 
 // copyHalf copies src to dst. While src is idle it holds no buffer: it
-// waits for readability through the descriptor, then borrows a buffer for
-// one read and write. At src's EOF it half-closes dst. If neither
-// direction has moved for idle, it closes both to end the other half too.
+// waits for readability through the descriptor, and a buffer is borrowed
+// from the pool only for the read that finds data (and given back when the
+// read would block). At src's EOF it half-closes dst. If neither direction
+// has moved for idle, it closes both to end the other half too.
 func copyHalf(dst, src net.Conn, idle time.Duration, h *halves, count *atomic.Int64) {
 	defer h.finish()
 	last := &h.last
+	rc := rawConn(src)
 	for {
 		src.SetReadDeadline(time.Unix(0, last.Load()).Add(idle))
-		err := waitReadable(src)
-		if errors.Is(err, os.ErrDeadlineExceeded) {
+		bp, n, err := readReady(src, rc)
+		if n > 0 {
+			last.Store(time.Now().UnixNano())
+			_, werr := dst.Write((*bp)[:n])
+			bufPool.Put(bp)
+			if werr != nil {
+				src.Close()
+				return
+			}
+			count.Add(int64(n))
+		} else if bp != nil {
+			bufPool.Put(bp)
+		}
+		switch {
+		case err == nil:
+		case err == io.EOF:
+			closeWrite(dst)
+			return
+		case errors.Is(err, os.ErrDeadlineExceeded):
 			if time.Since(time.Unix(0, last.Load())) < idle {
 				continue // the other direction moved: not idle
 			}
 			src.Close()
 			dst.Close()
 			return
-		}
-		if err != nil {
-			dst.Close()
-			return
-		}
-		bp := bufPool.Get().(*[]byte)
-		n, rerr := src.Read(*bp)
-		if n > 0 {
-			last.Store(time.Now().UnixNano())
-			if _, werr := dst.Write((*bp)[:n]); werr != nil {
-				bufPool.Put(bp)
-				src.Close()
-				return
-			}
-			count.Add(int64(n))
-		}
-		bufPool.Put(bp)
-		if rerr == io.EOF {
-			closeWrite(dst)
-			return
-		}
-		if rerr != nil && !errors.Is(rerr, os.ErrDeadlineExceeded) {
+		default:
 			dst.Close()
 			return
 		}
 	}
 }
 
-// waitReadable blocks until c has data or EOF to read, without reading.
-func waitReadable(c net.Conn) error {
-	sc, ok := c.(syscall.Conn)
-	if !ok {
-		return nil // not a socket: just read
+// readReady reads what src has, waiting for it without holding a buffer:
+// the read is tried when the poller says src is readable, with a buffer
+// taken from the pool for that attempt and returned if it would block.
+// The caller gives back the returned buffer.
+func readReady(src net.Conn, rc syscall.RawConn) (*[]byte, int, error) {
+	if rc == nil {
+		bp := bufPool.Get().(*[]byte)
+		n, err := src.Read(*bp)
+		return bp, n, err
 	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var peekErr error
-	err = rc.Read(func(fd uintptr) bool {
-		var b [1]byte
-		_, _, e := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		if e == unix.EAGAIN {
-			return false
-		}
-		if e != nil && e != unix.EINTR {
-			peekErr = e
+	var (
+		bp   *[]byte
+		n    int
+		rerr error
+	)
+	err := rc.Read(func(fd uintptr) bool {
+		bp = bufPool.Get().(*[]byte)
+		n, rerr = unix.Read(int(fd), *bp)
+		if rerr == unix.EAGAIN {
+			bufPool.Put(bp)
+			bp = nil
+			return false // wait for readability, holding nothing
 		}
 		return true
 	})
+	switch {
+	case err != nil:
+		return bp, 0, err
+	case rerr != nil:
+		return bp, 0, rerr
+	case n == 0:
+		return bp, 0, io.EOF
+	}
+	return bp, n, nil
+}
+
+func rawConn(c net.Conn) syscall.RawConn {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
 	if err != nil {
-		return err
+		return nil
 	}
-	if peekErr != nil {
-		return peekErr
-	}
-	return nil
+	return rc
 }
 
 func closeWrite(c net.Conn) {

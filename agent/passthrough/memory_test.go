@@ -79,3 +79,44 @@ func BenchmarkIdleConnMemory(b *testing.B) {
 	b.ReportMetric(heap, "heap-KiB/conn")
 	b.ReportMetric(goroutines, "goroutines/conn")
 }
+
+// BenchmarkConnect times one proxied connection with a small request and
+// reply, client to echo backend through the balancer, all in process.
+func BenchmarkConnect(b *testing.B) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); io.Copy(c, c) }()
+		}
+	}()
+	bal, err := New(Config{DisableSNIPeek: true, Upstreams: []Upstream{{Addr: ln.Addr().String()}}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	front, _ := net.Listen("tcp", "127.0.0.1:0")
+	go bal.Serve(context.Background(), front)
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		bal.Shutdown(ctx)
+	}()
+	buf := make([]byte, 16)
+	b.ReportAllocs()
+	for b.Loop() {
+		c, err := net.Dial("tcp", front.Addr().String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.Write(buf)
+		io.ReadFull(c, buf)
+		c.Close()
+	}
+}

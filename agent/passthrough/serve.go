@@ -204,7 +204,9 @@ func (b *Balancer) connect(c *conn, key string) (*upstream, net.Conn) {
 		if u == nil {
 			return nil, nil
 		}
-		d := net.Dialer{Timeout: min(cfg.connectTimeout(), time.Until(deadline))}
+		// No TCP keep-alive probes toward the upstream (four setsockopt
+		// calls per connection): the idle timeout ends dead connections.
+		d := net.Dialer{Timeout: min(cfg.connectTimeout(), time.Until(deadline)), KeepAlive: -1}
 		up, err := d.Dial("tcp", u.Addr)
 		if err != nil {
 			b.log.Debug("upstream connect failed; trying the next", "upstream", u.Addr, "err", err)
