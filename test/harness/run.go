@@ -91,7 +91,8 @@ func run(ctx context.Context) error {
 					return fmt.Errorf("%s, %s: %w", mode, t.name, err)
 				}
 				if conf != "" {
-					configs[t.name+" ("+mode+")"] = conf
+					// The results name no path of this machine.
+					configs[t.name+" ("+mode+")"] = strings.ReplaceAll(strings.ReplaceAll(conf, dir, "$TMPDIR"), bin, "mmtls")
 				}
 				if results[mode][t.name] == nil {
 					results[mode][t.name] = figures{}
