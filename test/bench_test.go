@@ -39,15 +39,11 @@ func threeCertPair(b *testing.B, dir string, root *pki.CA) *fixture.Pair {
 	return p
 }
 
-// BenchmarkPushNoRestart times `mmtls push --no-restart` with a
-// three-certificate chain, in process: validate, plan, lock, journal,
-// back up, install, edit config.json. "rotate" alternates two pairs so
-// every push writes; "unchanged" is the no-op.
-func BenchmarkPushNoRestart(b *testing.B) {
-	if os.Geteuid() != 0 {
-		b.Skip("needs root")
-	}
-	root := b.TempDir()
+// benchTree makes a node's tree, a root CA file and two three-certificate
+// pairs under it.
+func benchTree(b *testing.B) (root string, tree *fixture.Tree, caFile string, pairs []*fixture.Pair) {
+	b.Helper()
+	root = b.TempDir()
 	tree, err := fixture.NewTree(root, mmUser, mmUID, mmGID, "127.0.0.1:8065", "https://"+fixture.SiteHost)
 	if err != nil {
 		b.Fatal(err)
@@ -56,9 +52,23 @@ func BenchmarkPushNoRestart(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	caFile := filepath.Join(root, "root.pem")
-	os.WriteFile(caFile, ca.PEM(), 0o644)
-	pairs := []*fixture.Pair{threeCertPair(b, filepath.Join(root, "a"), ca), threeCertPair(b, filepath.Join(root, "b"), ca)}
+	caFile = filepath.Join(root, "root.pem")
+	if err := os.WriteFile(caFile, ca.PEM(), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	pairs = []*fixture.Pair{threeCertPair(b, filepath.Join(root, "a"), ca), threeCertPair(b, filepath.Join(root, "b"), ca)}
+	return root, tree, caFile, pairs
+}
+
+// BenchmarkPushNoRestart times `mmtls push --no-restart` with a
+// three-certificate chain, in process: validate, plan, lock, journal,
+// back up, install, edit config.json. "rotate" alternates two pairs so
+// every push writes; "unchanged" is the no-op.
+func BenchmarkPushNoRestart(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root")
+	}
+	_, tree, caFile, pairs := benchTree(b)
 	opts := func(p *fixture.Pair) agent.PushOptions {
 		return agent.PushOptions{CertFile: p.CertFile, KeyFile: p.KeyFile, MattermostDir: tree.MattermostDir,
 			StateDir: tree.StateDir, CAFile: caFile, Owner: mmUser, NoRestart: true}
@@ -106,15 +116,7 @@ func BenchmarkWatchLatency(b *testing.B) {
 	if os.Geteuid() != 0 {
 		b.Skip("needs root")
 	}
-	root := b.TempDir()
-	tree, err := fixture.NewTree(root, mmUser, mmUID, mmGID, "127.0.0.1:8065", "https://"+fixture.SiteHost)
-	if err != nil {
-		b.Fatal(err)
-	}
-	ca, _ := pki.NewRoot("bench root", time.Now())
-	caFile := filepath.Join(root, "root.pem")
-	os.WriteFile(caFile, ca.PEM(), 0o644)
-	pairs := []*fixture.Pair{threeCertPair(b, filepath.Join(root, "a"), ca), threeCertPair(b, filepath.Join(root, "b"), ca)}
+	root, tree, caFile, pairs := benchTree(b)
 	src := filepath.Join(root, "src")
 	os.MkdirAll(src, 0o700)
 	cert, key := filepath.Join(src, "fullchain.pem"), filepath.Join(src, "privkey.pem")

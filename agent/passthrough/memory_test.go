@@ -15,31 +15,7 @@ import (
 // (the rest is kernel socket buffers). It reports KiB per connection.
 func BenchmarkIdleConnMemory(b *testing.B) {
 	const n = 1000
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); io.Copy(c, c) }()
-		}
-	}()
-	bal, err := New(Config{DisableSNIPeek: true, Upstreams: []Upstream{{Addr: ln.Addr().String()}}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	front, _ := net.Listen("tcp", "127.0.0.1:0")
-	go bal.Serve(context.Background(), front)
-	defer func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		bal.Shutdown(ctx)
-	}()
+	bal, addr := echoThroughBalancer(b)
 	var stack, heap, goroutines float64
 	for b.Loop() {
 		runtime.GC()
@@ -48,7 +24,7 @@ func BenchmarkIdleConnMemory(b *testing.B) {
 		g0 := runtime.NumGoroutine()
 		conns := make([]net.Conn, 0, n)
 		for range n {
-			c, err := net.Dial("tcp", front.Addr().String())
+			c, err := net.Dial("tcp", addr)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -83,11 +59,29 @@ func BenchmarkIdleConnMemory(b *testing.B) {
 // BenchmarkConnect times one proxied connection with a small request and
 // reply, client to echo backend through the balancer, all in process.
 func BenchmarkConnect(b *testing.B) {
+	_, addr := echoThroughBalancer(b)
+	buf := make([]byte, 16)
+	b.ReportAllocs()
+	for b.Loop() {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.Write(buf)
+		io.ReadFull(c, buf)
+		c.Close()
+	}
+}
+
+// echoThroughBalancer runs an echo backend and a balancer in front of it
+// on loopback, for the benchmarks; it returns the balancer and its address.
+func echoThroughBalancer(b *testing.B) (*Balancer, string) {
+	b.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer ln.Close()
+	b.Cleanup(func() { ln.Close() })
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -101,22 +95,15 @@ func BenchmarkConnect(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	front, _ := net.Listen("tcp", "127.0.0.1:0")
+	front, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
 	go bal.Serve(context.Background(), front)
-	defer func() {
+	b.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
 		bal.Shutdown(ctx)
-	}()
-	buf := make([]byte, 16)
-	b.ReportAllocs()
-	for b.Loop() {
-		c, err := net.Dial("tcp", front.Addr().String())
-		if err != nil {
-			b.Fatal(err)
-		}
-		c.Write(buf)
-		io.ReadFull(c, buf)
-		c.Close()
-	}
+	})
+	return bal, front.Addr().String()
 }

@@ -5,10 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"os"
-	"os/signal"
 	"strings"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -176,34 +173,22 @@ func runBalance(ctx context.Context, a *app, bf *balanceFlags, f *pflag.FlagSet,
 	svc := &agent.BalanceService{Options: o, Logger: a.log, Metrics: m}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		hup := make(chan os.Signal, 1)
-		signal.Notify(hup, syscall.SIGHUP)
-		defer signal.Stop(hup)
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-hup:
-				fresh, _, err := bf.options(f)
-				if err == nil {
-					err = svc.Reload(fresh)
-				}
-				if err != nil {
-					a.log.Error("reload: keeping the running configuration", "err", err)
-				}
-			}
+	wait := onSIGHUP(ctx, a.log, func() error {
+		fresh, _, err := bf.options(f)
+		if err != nil {
+			return err
 		}
-	}()
-	defer func() { cancel(); <-done }()
+		return svc.Reload(fresh)
+	})
+	defer wait()
+	defer cancel() // runs first
 	if metrics != "" {
 		wait, err := agent.StartMetrics(ctx, metrics, m, a.log)
 		if err != nil {
 			return err
 		}
 		defer wait()
+		defer cancel() // runs first
 	}
 	return svc.Run(ctx)
 }

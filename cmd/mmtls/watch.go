@@ -4,9 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"os/signal"
-	"syscall"
 
 	"github.com/kardianos/service"
 	"github.com/spf13/cobra"
@@ -70,32 +67,20 @@ func (af *agentFlags) build(f *pflag.FlagSet, a *app) (*agent.Agent, error) {
 	return ag, nil
 }
 
-// reloadOnHUP re-reads the config file on SIGHUP and hands the agent the
-// new settings, until ctx ends. Bad files are logged and ignored.
-func (af *agentFlags) reloadOnHUP(ctx context.Context, f *pflag.FlagSet, a *app, ag *agent.Agent) {
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-hup:
-			fresh, err := af.build(f, a)
-			if err != nil {
-				a.log.Error("reload: keeping the running configuration", "err", err)
-				continue
-			}
-			if !ag.NoWatch {
-				ag.Reload(fresh.Watch)
-			}
-			if ag.Balance != nil && fresh.Balance != nil {
-				if err := ag.Balance.Reload(fresh.Balance.Options); err != nil {
-					a.log.Error("reload: keeping the running balancer configuration", "err", err)
-				}
-			}
-		}
+// reload re-reads the config file and hands the running agent the new
+// settings (SIGHUP).
+func (af *agentFlags) reload(f *pflag.FlagSet, a *app, ag *agent.Agent) error {
+	fresh, err := af.build(f, a)
+	if err != nil {
+		return err
 	}
+	if !ag.NoWatch {
+		ag.Reload(fresh.Watch)
+	}
+	if ag.Balance != nil && fresh.Balance != nil {
+		return ag.Balance.Reload(fresh.Balance.Options)
+	}
+	return nil
 }
 
 func newWatchCmd(a *app) *cobra.Command {
@@ -129,9 +114,9 @@ The service runs the same loop: see "mmtls run" and "mmtls service".`,
 			ctx, cancel := context.WithCancel(cmd.Context())
 			defer cancel()
 			if af.config != "" {
-				done := make(chan struct{})
-				defer func() { cancel(); <-done }()
-				go func() { defer close(done); af.reloadOnHUP(ctx, cmd.Flags(), a, ag) }()
+				wait := onSIGHUP(ctx, a.log, func() error { return af.reload(cmd.Flags(), a, ag) })
+				defer wait()
+				defer cancel() // runs first
 			}
 			return ag.Run(ctx)
 		},
@@ -160,9 +145,9 @@ back; SIGHUP re-reads the config file.`,
 			ctx := cmd.Context()
 			prog := &agent.Program{Run: func(ctx context.Context) error {
 				rctx, cancel := context.WithCancel(ctx)
-				done := make(chan struct{})
-				defer func() { cancel(); <-done }()
-				go func() { defer close(done); af.reloadOnHUP(rctx, cmd.Flags(), a, ag) }()
+				wait := onSIGHUP(rctx, a.log, func() error { return af.reload(cmd.Flags(), a, ag) })
+				defer wait()
+				defer cancel() // runs first
 				return ag.Run(rctx)
 			}}
 			svc, err := service.New(prog, &service.Config{
