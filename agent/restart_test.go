@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -48,5 +49,33 @@ func TestTailBuffer(t *testing.T) {
 	b.Write([]byte("tail"))
 	if s := b.String(); len(s) != maxOutput || !strings.HasSuffix(s, "tail") {
 		t.Errorf("kept %d bytes ending %q", len(s), s[len(s)-4:])
+	}
+}
+
+// Systemd clears a failed unit's state before restarting it: a fake
+// systemctl on PATH records the calls.
+func TestSystemdResetsFailedUnit(t *testing.T) {
+	dir := t.TempDir()
+	calls := dir + "/calls"
+	fake := "#!/bin/sh\necho \"$*\" >> " + calls + "\ncase \"$1\" in show) echo ActiveState=failed; echo Result=start-limit-hit;; esac\n"
+	if err := os.WriteFile(dir+"/systemctl", []byte(fake), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", dir+":"+os.Getenv("PATH"))
+	if err := (&Systemd{Unit: "mattermost", Timeout: 10 * time.Second}).Restart(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(calls)
+	want := "show --property=ActiveState,Result -- mattermost\nreset-failed -- mattermost\nrestart -- mattermost\n"
+	if string(got) != want {
+		t.Errorf("systemctl calls:\n%s\nwant\n%s", got, want)
+	}
+
+	// A restart that fails says so, with systemctl's words.
+	fake = "#!/bin/sh\ncase \"$1\" in show) echo ActiveState=active;; restart) echo 'Unit mattermost.service not found.' >&2; exit 5;; esac\n"
+	os.WriteFile(dir+"/systemctl", []byte(fake), 0o755)
+	err := (&Systemd{Unit: "mattermost", Timeout: 10 * time.Second}).Restart(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "systemctl restart mattermost: exit status 5; output: Unit mattermost.service not found.") {
+		t.Errorf("failing restart: %v", err)
 	}
 }

@@ -1,0 +1,60 @@
+package agent
+
+import (
+	"context"
+	"net"
+	"testing"
+	"time"
+)
+
+// A node that cannot reach the cluster database waits, then restarts after
+// a random splay instead of blocking forever.
+func TestPostgresLockFallsBackToSplay(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // nothing listens there now: connection refused
+	l := &PostgresLock{DSN: "postgres://mmuser@" + addr + "/mattermost?connect_timeout=1", Wait: 300 * time.Millisecond, Splay: 50 * time.Millisecond}
+	start := time.Now()
+	release, err := l.Acquire(context.Background())
+	if err != nil {
+		t.Fatalf("Acquire: %v", err)
+	}
+	release()
+	if d := time.Since(start); d < 300*time.Millisecond || d > 10*time.Second {
+		t.Errorf("fell back after %s, want after the 300ms wait", d)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := l.Acquire(ctx); err == nil {
+		t.Error("Acquire with a cancelled context succeeded")
+	}
+}
+
+func TestNewRestartLockModes(t *testing.T) {
+	for mode, want := range map[string]string{"splay": "random splay", "off": "", "postgres": "postgres advisory lock"} {
+		l, err := NewRestartLock(mode, "postgres://x@127.0.0.1:1/mm", 0, 0, PushOptions{}, nil, nil, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", mode, err)
+		}
+		got := ""
+		if l != nil {
+			got = l.String()
+		}
+		if got != want {
+			t.Errorf("mode %s: %q, want %q", mode, got, want)
+		}
+	}
+	if l, err := NewRestartLock("auto", "mysql://u@tcp(db)/mm", 0, 0, PushOptions{}, nil, nil, nil); err != nil || l.String() != "random splay" {
+		t.Errorf("MySQL: %v %v", l, err)
+	}
+	if _, err := NewRestartLock("raft", "", 0, 0, PushOptions{}, nil, nil, nil); err == nil {
+		t.Error("unknown mode accepted")
+	}
+	if got := pgxDSN("postgres://u@h/db?sslmode=disable&binary_parameters=yes"); got != "postgres://u@h/db?sslmode=disable" {
+		t.Errorf("pgxDSN = %q", got)
+	}
+}
