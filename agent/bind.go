@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mmtls/mmtls/certs"
+	"github.com/mmtls/mmtls/mmconfig"
 )
 
 // bindDropIn is the systemd drop-in mmtls writes so that Mattermost may bind
@@ -35,7 +36,11 @@ const capNetBindService = 10
 // port of listen. It returns a note on what it did ("" for nothing) and
 // warnings.
 func (p *Pusher) bindPrivilege(ctx context.Context, o PushOptions, listen string, uid int, unitFile string) (string, []string, error) {
-	port, err := strconv.Atoi(portOf(listen))
+	ps, err := mmconfig.ListenPort(listen)
+	if err != nil {
+		return "", nil, nil // Check already refused a bad ListenAddress
+	}
+	port, err := strconv.Atoi(ps)
 	if err != nil || port >= 1024 || uid == 0 {
 		return "", nil, nil
 	}
@@ -62,7 +67,7 @@ func (p *Pusher) bindPrivilege(ctx context.Context, o PushOptions, listen string
 func (p *Pusher) bindDropIn(ctx context.Context, service string) (string, []string, error) {
 	dirs := p.UnitDirs
 	if dirs == nil {
-		dirs = []string{"/etc/systemd/system"}
+		dirs = mmconfig.DefaultUnitDirs()
 	}
 	dir := filepath.Join(dirs[0], service+".service.d")
 	if unitGrants(p.UnitDirs, service) {
@@ -89,7 +94,7 @@ func (p *Pusher) bindDropIn(ctx context.Context, service string) (string, []stri
 // CAP_NET_BIND_SERVICE as an ambient capability.
 func unitGrants(dirs []string, service string) bool {
 	if dirs == nil {
-		dirs = []string{"/etc/systemd/system", "/run/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system"}
+		dirs = mmconfig.DefaultUnitDirs()
 	}
 	var files []string
 	for _, d := range dirs {
@@ -147,11 +152,4 @@ func setBindCapability(path string) (bool, error) {
 		return false, fmt.Errorf("write security.capability: %w", err)
 	}
 	return true, nil
-}
-
-func portOf(listen string) string {
-	if i := strings.LastIndexByte(listen, ':'); i >= 0 {
-		return listen[i+1:]
-	}
-	return listen
 }

@@ -299,7 +299,11 @@ func (p *Pusher) apply(ctx context.Context, pl *plan) error {
 	// back, even if ctx is cancelled (SIGTERM): each step has its own
 	// timeout, and a half-done restart helps no one.
 	ctx = context.WithoutCancel(ctx)
-	note, warns, err := p.bindPrivilege(ctx, o, pl.tls.ListenAddress, pl.uid, pl.env.Unit)
+	listen := pl.tls.ListenAddress
+	if listen == "" {
+		listen = mmconfig.DefaultListenAddress
+	}
+	note, warns, err := p.bindPrivilege(ctx, o, listen, pl.uid, pl.env.Unit)
 	for _, w := range warns {
 		log.Warn(w)
 		res.Warnings = append(res.Warnings, certs.Warning{Code: "bind-privilege", Message: w})

@@ -223,22 +223,17 @@ func snapshot(pids []int) memSnapshot {
 }
 
 func statusField(pid int, key string) int64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	return procField(fmt.Sprintf("/proc/%d/status", pid), key)
+}
+
+func meminfo(key string) int64 { return procField("/proc/meminfo", key) }
+
+// procField returns the number after key in a /proc file of "Key: N kB" lines.
+func procField(path, key string) int64 {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return 0
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(line, key) {
-			f := strings.Fields(line)
-			n, _ := strconv.ParseInt(f[1], 10, 64)
-			return n
-		}
-	}
-	return 0
-}
-
-func meminfo(key string) int64 {
-	b, _ := os.ReadFile("/proc/meminfo")
 	for _, line := range strings.Split(string(b), "\n") {
 		if strings.HasPrefix(line, key) {
 			f := strings.Fields(line)

@@ -132,16 +132,8 @@ stream {
 `, dir, dir, up.String(), addr, preread)
 		path := filepath.Join(dir, "nginx.conf")
 		os.WriteFile(path, []byte(conf), 0o644)
-		p, err := startProc("nginx", "-p", dir, "-c", path, "-g", "daemon off;")
-		if err != nil {
-			return "", nil, nil, "", err
-		}
-		if err := waitListening(addr); err != nil {
-			p.stop()
-			return "", nil, nil, "", err
-		}
-		pg := p.cmd.Process.Pid
-		return addr, func() []int { return groupPIDs(pg) }, p.stop, conf, nil
+		pids, stop, err := startGroup(addr, "nginx", "-p", dir, "-c", path, "-g", "daemon off;")
+		return addr, pids, stop, conf, err
 	}}
 }
 
@@ -172,17 +164,24 @@ backend be
 %s`, addr, inspect, srv.String())
 		path := filepath.Join(dir, "haproxy.cfg")
 		os.WriteFile(path, []byte(conf), 0o644)
-		p, err := startProc("haproxy", "-db", "-f", path)
-		if err != nil {
-			return "", nil, nil, "", err
-		}
-		if err := waitListening(addr); err != nil {
-			p.stop()
-			return "", nil, nil, "", err
-		}
-		pg := p.cmd.Process.Pid
-		return addr, func() []int { return groupPIDs(pg) }, p.stop, conf, nil
+		pids, stop, err := startGroup(addr, "haproxy", "-db", "-f", path)
+		return addr, pids, stop, conf, err
 	}}
+}
+
+// startGroup starts a proxy in its own process group and waits until it
+// listens on addr; pids lists the group's processes (nginx's workers).
+func startGroup(addr, name string, args ...string) (pids func() []int, stop func(), err error) {
+	p, err := startProc(name, args...)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := waitListening(addr); err != nil {
+		p.stop()
+		return nil, nil, err
+	}
+	pg := p.cmd.Process.Pid
+	return func() []int { return groupPIDs(pg) }, p.stop, nil
 }
 
 // startBackend runs one backend process and returns its address.
