@@ -12,30 +12,33 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/mmtls/mmtls/agent/clock"
+	"github.com/mmtls/mmtls/agent/push"
 	"github.com/mmtls/mmtls/mmconfig"
 )
 
-// Cluster defaults.
+// Defaults of ClusterConfig.
 const (
+	// DefaultClusterMode finds the cluster's database in Mattermost's own
+	// config: nothing to set up on a node that already runs Mattermost.
+	DefaultClusterMode = "auto"
 	// DefaultLockWait covers another node's restart, verification and
 	// rollback, with room to spare.
 	DefaultLockWait = 15 * time.Minute
-	DefaultSplay    = 2 * time.Minute
+	// DefaultSplay spreads restarts where no lock can be had: wider than
+	// one Mattermost restart (about 5 s), short enough for a renewal.
+	DefaultSplay = 2 * time.Minute
+	// lockRetry is the pause between attempts to reach the database.
+	lockRetry = 2 * time.Second
+	// lockConnectTimeout bounds one connection to the database.
+	lockConnectTimeout = 10 * time.Second
+	// unlockTimeout bounds releasing the lock; closing the connection
+	// releases it anyway.
+	unlockTimeout = 10 * time.Second
 	// clusterLockKey is the PostgreSQL advisory lock every mmtls agent of a
 	// cluster takes around its restart ("mmtls" and a version byte).
 	clusterLockKey int64 = 0x6d6d746c7301
 )
-
-// RestartLock keeps the nodes of a cluster from restarting Mattermost at
-// the same time: a renewal that lands on every node at once must not take
-// them all down together.
-type RestartLock interface {
-	// Acquire blocks until this node may restart Mattermost. The returned
-	// release must be called once the restart and its verification (or
-	// rollback) are over. An error means the caller must not restart.
-	Acquire(ctx context.Context) (release func(), err error)
-	String() string
-}
 
 // PostgresLock holds a PostgreSQL advisory lock in the database the
 // cluster shares. A node that cannot take it within Wait (the database is
@@ -47,25 +50,28 @@ type PostgresLock struct {
 	Splay   time.Duration // 0 means DefaultSplay
 	Logger  *slog.Logger  // nil discards
 	Metrics *Metrics      // nil records nothing
+	Clock   clock.Clock   // nil means the system clock
 }
 
 func (l *PostgresLock) String() string { return "postgres advisory lock" }
 
 // Acquire takes the lock, retrying the connection until Wait passes.
 func (l *PostgresLock) Acquire(ctx context.Context) (func(), error) {
-	log := logger(l.Logger)
-	start := time.Now()
+	log, clk := logger(l.Logger), clock.Or(l.Clock)
+	start := clk.Now()
 	wait := orDefault(l.Wait, DefaultLockWait)
 	wctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
+	retry := clk.NewTimer(lockRetry)
+	defer retry.Stop()
 	var lastErr error
 	for attempt := 0; ; attempt++ {
 		conn, err := l.lock(wctx)
 		if err == nil {
-			l.Metrics.lockWaited(time.Since(start))
-			log.Info("holding the cluster restart lock", "waited", time.Since(start).Round(time.Millisecond))
+			l.Metrics.lockWaited(clock.Since(clk, start))
+			log.Info("holding the cluster restart lock", "waited", clock.Since(clk, start).Round(time.Millisecond))
 			return func() {
-				rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				rctx, cancel := context.WithTimeout(context.Background(), unlockTimeout)
 				defer cancel()
 				if _, err := conn.Exec(rctx, "SELECT pg_advisory_unlock($1)", clusterLockKey); err != nil {
 					log.Warn("releasing the cluster restart lock failed; closing the connection releases it", "err", err)
@@ -83,19 +89,20 @@ func (l *PostgresLock) Acquire(ctx context.Context) (func(), error) {
 				return nil, ctx.Err()
 			}
 			log.Warn("could not take the cluster restart lock; restarting after a random splay instead", "waited", wait, "err", lastErr)
-			if err := splay(ctx, orDefault(l.Splay, DefaultSplay), log); err != nil {
+			if err := splay(ctx, clk, orDefault(l.Splay, DefaultSplay), log); err != nil {
 				return nil, err
 			}
-			l.Metrics.lockWaited(time.Since(start))
+			l.Metrics.lockWaited(clock.Since(clk, start))
 			return func() {}, nil
-		case <-time.After(2 * time.Second):
+		case <-retry.C():
+			retry.Reset(lockRetry)
 		}
 	}
 }
 
 // lock connects and blocks in pg_advisory_lock until it is granted or ctx ends.
 func (l *PostgresLock) lock(ctx context.Context) (*pgx.Conn, error) {
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	cctx, cancel := context.WithTimeout(ctx, lockConnectTimeout)
 	conn, err := pgx.Connect(cctx, l.DSN)
 	cancel()
 	if err != nil {
@@ -113,28 +120,29 @@ func (l *PostgresLock) lock(ctx context.Context) (*pgx.Conn, error) {
 // and when the database is out of reach.
 type SplayLock struct {
 	Splay  time.Duration // 0 means DefaultSplay
-	Logger *slog.Logger
+	Logger *slog.Logger  // nil discards
+	Clock  clock.Clock   // nil means the system clock
 }
 
 func (s *SplayLock) String() string { return "random splay" }
 
 // Acquire waits the splay.
 func (s *SplayLock) Acquire(ctx context.Context) (func(), error) {
-	if err := splay(ctx, orDefault(s.Splay, DefaultSplay), logger(s.Logger)); err != nil {
+	if err := splay(ctx, clock.Or(s.Clock), orDefault(s.Splay, DefaultSplay), logger(s.Logger)); err != nil {
 		return nil, err
 	}
 	return func() {}, nil
 }
 
-func splay(ctx context.Context, max time.Duration, log *slog.Logger) error {
+func splay(ctx context.Context, clk clock.Clock, max time.Duration, log *slog.Logger) error {
 	d := time.Duration(rand.Int64N(int64(max) + 1))
 	log.Info("waiting a random splay before restarting", "splay", d.Round(time.Millisecond))
-	t := time.NewTimer(d)
+	t := clk.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
 		return ctx.Err()
-	case <-t.C:
+	case <-t.C():
 		return nil
 	}
 }
@@ -144,14 +152,16 @@ func splay(ctx context.Context, max time.Duration, log *slog.Logger) error {
 // Mattermost's SqlSettings (or MM_SQLSETTINGS_* in its service's
 // environment): PostgreSQL gets the advisory lock, MySQL a splay with a
 // warning. It returns nil for "off".
-func NewRestartLock(mode, dsn string, wait, splayMax time.Duration, o PushOptions, unitDirs []string, log *slog.Logger, m *Metrics) (RestartLock, error) {
+func NewRestartLock(c ClusterConfig, o push.Options, unitDirs []string, log *slog.Logger, m *Metrics) (push.RestartLock, error) {
 	log = logger(log)
+	c = c.WithDefaults()
+	mode, dsn, wait, splayMax := c.Mode, c.DSN, c.LockWait, c.Splay
 	switch mode {
 	case "off":
 		return nil, nil
 	case "splay":
 		return &SplayLock{Splay: splayMax, Logger: log}, nil
-	case "", "auto", "postgres":
+	case "auto", "postgres":
 	default:
 		return nil, fmt.Errorf("cluster mode %q: want auto, postgres, splay or off", mode)
 	}
@@ -181,7 +191,7 @@ func NewRestartLock(mode, dsn string, wait, splayMax time.Duration, o PushOption
 
 // mattermostDatabase reads SqlSettings.DriverName and DataSource as
 // Mattermost sees them: the service environment wins over config.json.
-func mattermostDatabase(o PushOptions, unitDirs []string) (driver, dsn string, err error) {
+func mattermostDatabase(o push.Options, unitDirs []string) (driver, dsn string, err error) {
 	env, err := mmconfig.LoadServiceEnv(o.Service+".service", unitDirs)
 	if err != nil {
 		return "", "", err
@@ -190,7 +200,7 @@ func mattermostDatabase(o PushOptions, unitDirs []string) (driver, dsn string, e
 	if err != nil {
 		return "", "", err
 	}
-	doc, _, err := readConfig(loc.Path)
+	doc, err := push.ReadMattermostConfig(loc.Path)
 	if err != nil {
 		return "", "", err
 	}
@@ -225,4 +235,18 @@ func pgxDSN(dsn string) string {
 	}
 	u.RawQuery = q.Encode()
 	return u.String()
+}
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d <= 0 {
+		return def
+	}
+	return d
+}
+
+func logger(l *slog.Logger) *slog.Logger {
+	if l == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return l
 }

@@ -5,6 +5,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/mmtls/mmtls/agent/push"
 )
 
 // A node that cannot reach the cluster database waits, then restarts after
@@ -36,7 +38,7 @@ func TestPostgresLockFallsBackToSplay(t *testing.T) {
 
 func TestNewRestartLockModes(t *testing.T) {
 	for mode, want := range map[string]string{"splay": "random splay", "off": "", "postgres": "postgres advisory lock"} {
-		l, err := NewRestartLock(mode, "postgres://x@127.0.0.1:1/mm", 0, 0, PushOptions{}, nil, nil, nil)
+		l, err := NewRestartLock(ClusterConfig{Mode: mode, DSN: "postgres://x@127.0.0.1:1/mm"}, push.Options{}, nil, nil, nil)
 		if err != nil {
 			t.Fatalf("%s: %v", mode, err)
 		}
@@ -48,10 +50,10 @@ func TestNewRestartLockModes(t *testing.T) {
 			t.Errorf("mode %s: %q, want %q", mode, got, want)
 		}
 	}
-	if l, err := NewRestartLock("auto", "mysql://u@tcp(db)/mm", 0, 0, PushOptions{}, nil, nil, nil); err != nil || l.String() != "random splay" {
+	if l, err := NewRestartLock(ClusterConfig{Mode: "auto", DSN: "mysql://u@tcp(db)/mm"}, push.Options{}, nil, nil, nil); err != nil || l.String() != "random splay" {
 		t.Errorf("MySQL: %v %v", l, err)
 	}
-	if _, err := NewRestartLock("raft", "", 0, 0, PushOptions{}, nil, nil, nil); err == nil {
+	if _, err := NewRestartLock(ClusterConfig{Mode: "raft"}, push.Options{}, nil, nil, nil); err == nil {
 		t.Error("unknown mode accepted")
 	}
 	if got := pgxDSN("postgres://u@h/db?sslmode=disable&binary_parameters=yes"); got != "postgres://u@h/db?sslmode=disable" {

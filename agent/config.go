@@ -13,40 +13,26 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+	"github.com/mmtls/mmtls/agent/balance"
+	"github.com/mmtls/mmtls/agent/push"
 )
 
 // DefaultConfigFile is where the agent's config file lives.
 const DefaultConfigFile = "/etc/mmtls/mmtls.toml"
 
-// Duration is a time.Duration written as "90s", "10m" or "1h30m" in the
-// config file.
-type Duration struct{ time.Duration }
-
-// UnmarshalText parses a Go duration string.
-func (d *Duration) UnmarshalText(b []byte) error {
-	v, err := time.ParseDuration(string(b))
-	if err != nil {
-		return fmt.Errorf("%q is not a duration such as 90s, 10m or 1h30m", b)
-	}
-	d.Duration = v
-	return nil
-}
-
-// MarshalText writes the duration back.
-func (d Duration) MarshalText() ([]byte, error) { return []byte(d.Duration.String()), nil }
-
 // Config is the agent's config file, /etc/mmtls/mmtls.toml. Every key is
 // optional; a zero value means the documented default. Command-line flags
-// override the file.
+// override the file. Each section is the options struct of the room that
+// uses it, so a setting is declared once.
 type Config struct {
 	Source  SourceConfig  `toml:"source"`
-	Push    PushConfig    `toml:"push"`
-	Watch   WatchConfig   `toml:"watch"`
+	Push    push.Options  `toml:"push"`
+	Watch   WatchOptions  `toml:"watch"`
 	Cluster ClusterConfig `toml:"cluster"`
 	Metrics MetricsConfig `toml:"metrics"`
 	// Balance, when it names listeners and upstreams, runs the balancer
 	// (mmtls balance) in the agent too.
-	Balance BalanceOptions `toml:"balance"`
+	Balance balance.Options `toml:"balance"`
 }
 
 // SourceConfig names the pair the agent watches and pushes.
@@ -55,50 +41,32 @@ type SourceConfig struct {
 	Key  string `toml:"key"`  // such as /etc/letsencrypt/live/NAME/privkey.pem
 }
 
-// PushConfig holds every `mmtls push` setting, keyed as its flag.
-type PushConfig struct {
-	MattermostDir     string   `toml:"mattermost_dir"`
-	MMConfig          string   `toml:"mm_config"`
-	DestDir           string   `toml:"dest_dir"`
-	CertName          string   `toml:"cert_name"`
-	KeyName           string   `toml:"key_name"`
-	Owner             string   `toml:"owner"`
-	Group             string   `toml:"group"`
-	Listen            string   `toml:"listen"`
-	SiteURL           string   `toml:"site_url"`
-	CAFile            string   `toml:"ca_file"`
-	AllowHostMismatch bool     `toml:"allow_host_mismatch"`
-	StateDir          string   `toml:"state_dir"`
-	LockTimeout       Duration `toml:"lock_timeout"`
-	Service           string   `toml:"service"`
-	RestartCommand    string   `toml:"restart_command"`
-	RestartTimeout    Duration `toml:"restart_timeout"`
-	VerifyAddress     string   `toml:"verify_address"`
-	VerifyTimeout     Duration `toml:"verify_timeout"`
-}
-
-// WatchConfig tunes the watch loop. See WatchOptions for the defaults.
-type WatchConfig struct {
-	Quiet               Duration `toml:"quiet"`
-	MaxWait             Duration `toml:"max_wait"`
-	Reconcile           Duration `toml:"reconcile"`
-	ReportMismatchAfter Duration `toml:"report_mismatch_after"`
-	BackoffMin          Duration `toml:"backoff_min"`
-	BackoffMax          Duration `toml:"backoff_max"`
-	MaxRestartsPerHour  int      `toml:"max_restarts_per_hour"`
-	ExpiryWarning       Duration `toml:"expiry_warning"`
-}
-
 // ClusterConfig makes nodes of one cluster restart one at a time.
 type ClusterConfig struct {
 	// Mode is "auto" (PostgreSQL advisory lock when Mattermost's database
 	// is PostgreSQL, else a random splay), "postgres", "splay" or "off".
+	// "" means DefaultClusterMode.
 	Mode string `toml:"mode"`
 	// DSN of the database the cluster shares; empty means Mattermost's
 	// SqlSettings.DataSource (or MM_SQLSETTINGS_DATASOURCE in its service).
-	DSN      string   `toml:"dsn"`
-	LockWait Duration `toml:"lock_wait"`
-	Splay    Duration `toml:"splay"`
+	DSN string `toml:"dsn"`
+	// LockWait: 0 means DefaultLockWait. Splay: 0 means DefaultSplay.
+	LockWait time.Duration `toml:"lock_wait"`
+	Splay    time.Duration `toml:"splay"`
+}
+
+// WithDefaults returns c with its zero fields set to their defaults.
+func (c ClusterConfig) WithDefaults() ClusterConfig {
+	if c.Mode == "" {
+		c.Mode = DefaultClusterMode
+	}
+	if c.LockWait == 0 {
+		c.LockWait = DefaultLockWait
+	}
+	if c.Splay == 0 {
+		c.Splay = DefaultSplay
+	}
+	return c
 }
 
 // MetricsConfig turns on the Prometheus endpoint.
@@ -168,7 +136,11 @@ func ParseConfig(name string, data []byte) (*Config, error) {
 			}
 			return nil, &ConfigError{File: name, Err: err}
 		}
-		ce := &ConfigError{File: name, Line: pe.Position.Line, Err: errors.New(pe.Message)}
+		msg := pe.Message
+		if d, ok := strings.CutPrefix(msg, "invalid duration: "); ok {
+			msg = d + " is not a duration such as 90s, 10m or 1h30m"
+		}
+		ce := &ConfigError{File: name, Line: pe.Position.Line, Err: errors.New(msg)}
 		if pe.LastKey != "" && keyLine(data, strings.Split(pe.LastKey, ".")) == pe.Position.Line {
 			ce.Key = pe.LastKey // the error is about that key's value
 		}
@@ -201,22 +173,25 @@ func (c *Config) validate() error {
 	if c.Watch.MaxRestartsPerHour < 0 {
 		return bad("watch.max_restarts_per_hour", "%d: must not be negative", c.Watch.MaxRestartsPerHour)
 	}
-	for key, d := range map[string]Duration{"watch.quiet": c.Watch.Quiet, "watch.max_wait": c.Watch.MaxWait, "watch.reconcile": c.Watch.Reconcile,
-		"watch.backoff_min": c.Watch.BackoffMin, "watch.backoff_max": c.Watch.BackoffMax, "cluster.lock_wait": c.Cluster.LockWait,
-		"cluster.splay": c.Cluster.Splay, "push.lock_timeout": c.Push.LockTimeout, "push.restart_timeout": c.Push.RestartTimeout,
-		"push.verify_timeout": c.Push.VerifyTimeout} {
-		if d.Duration < 0 {
-			return bad(key, "%s: must not be negative", d.Duration)
+	for _, d := range []struct {
+		key string
+		d   time.Duration
+	}{{"watch.quiet", c.Watch.Quiet}, {"watch.max_wait", c.Watch.MaxWait}, {"watch.reconcile", c.Watch.Reconcile},
+		{"watch.report_mismatch_after", c.Watch.ReportMismatchAfter}, {"watch.backoff_min", c.Watch.BackoffMin},
+		{"watch.backoff_max", c.Watch.BackoffMax}, {"watch.expiry_warning", c.Watch.ExpiryWarning},
+		{"cluster.lock_wait", c.Cluster.LockWait}, {"cluster.splay", c.Cluster.Splay}} {
+		if d.d < 0 {
+			return bad(d.key, "%s: must not be negative", d.d)
 		}
 	}
-	if c.Watch.MaxWait.Duration > 0 && c.Watch.Quiet.Duration > c.Watch.MaxWait.Duration {
-		return bad("watch.max_wait", "%s is shorter than watch.quiet (%s)", c.Watch.MaxWait.Duration, c.Watch.Quiet.Duration)
+	if c.Watch.MaxWait > 0 && c.Watch.Quiet > c.Watch.MaxWait {
+		return bad("watch.max_wait", "%s is shorter than watch.quiet (%s)", c.Watch.MaxWait, c.Watch.Quiet)
 	}
 	if b := c.Balance; len(b.Upstreams) > 0 {
 		if len(b.Listen) == 0 {
-			b.Listen = []string{":443"} // may come from --listen
+			b.Listen = []string{push.DefaultListen} // may come from --listen
 		}
-		if _, err := b.Config(nil); err != nil {
+		if _, err := b.WithDefaults().Config(nil); err != nil {
 			return &ConfigError{Key: "balance", Err: err}
 		}
 	}
@@ -247,17 +222,17 @@ func (c *Config) RequireSource(file string) error {
 }
 
 // PushOptions returns the push settings of the file, with the source pair.
-func (c *Config) PushOptions() PushOptions {
-	p := c.Push
-	return PushOptions{
-		CertFile: c.Source.Cert, KeyFile: c.Source.Key,
-		MattermostDir: p.MattermostDir, MMConfig: p.MMConfig, DestDir: p.DestDir,
-		CertName: p.CertName, KeyName: p.KeyName, Owner: p.Owner, Group: p.Group,
-		Listen: p.Listen, SiteURL: p.SiteURL, CAFile: p.CAFile, AllowHostMismatch: p.AllowHostMismatch,
-		StateDir: p.StateDir, LockTimeout: p.LockTimeout.Duration, Service: p.Service,
-		RestartCommand: p.RestartCommand, RestartTimeout: p.RestartTimeout.Duration,
-		VerifyAddress: p.VerifyAddress, VerifyTimeout: p.VerifyTimeout.Duration,
-	}
+func (c *Config) PushOptions() push.Options {
+	o := c.Push
+	o.CertFile, o.KeyFile = c.Source.Cert, c.Source.Key
+	return o
+}
+
+// WatchOptions returns the file's watch settings with its push settings.
+func (c *Config) WatchOptions() WatchOptions {
+	w := c.Watch
+	w.Push = c.PushOptions()
+	return w
 }
 
 var typeErrRE = regexp.MustCompile(`^toml: line (\d+) \(last key "([^"]+)"\): (.*)$`)
@@ -294,44 +269,15 @@ func keyLine(data []byte, key []string) int {
 // will run it: what `mmtls config check` prints.
 func (c *Config) Effective() *Config {
 	e := *c
-	o := c.PushOptions().WithDefaults()
-	e.Push = PushConfig{
-		MattermostDir: o.MattermostDir, MMConfig: o.MMConfig, DestDir: o.DestDir, CertName: o.CertName, KeyName: o.KeyName,
-		Owner: o.Owner, Group: o.Group, Listen: o.Listen, SiteURL: o.SiteURL, CAFile: o.CAFile, AllowHostMismatch: o.AllowHostMismatch,
-		StateDir: o.StateDir, LockTimeout: Duration{o.LockTimeout}, Service: o.Service, RestartCommand: o.RestartCommand,
-		RestartTimeout: Duration{o.RestartTimeout}, VerifyAddress: o.VerifyAddress, VerifyTimeout: Duration{o.VerifyTimeout},
-	}
-	if e.Push.Listen == "" {
-		e.Push.Listen = ":443"
-	}
-	if o.RestartCommand != "" && c.Push.Service == "" {
-		e.Push.Service = ""
-	}
-	w := c.WatchOptions().WithDefaults()
-	e.Watch = WatchConfig{Quiet: Duration{w.Quiet}, MaxWait: Duration{w.MaxWait}, Reconcile: Duration{w.Reconcile},
-		ReportMismatchAfter: Duration{w.ReportMismatchAfter}, BackoffMin: Duration{w.BackoffMin}, BackoffMax: Duration{w.BackoffMax},
-		MaxRestartsPerHour: w.MaxRestartsPerHour, ExpiryWarning: Duration{w.ExpiryWarning}}
-	if e.Cluster.Mode == "" {
-		e.Cluster.Mode = "auto"
-	}
-	if e.Cluster.LockWait.Duration == 0 {
-		e.Cluster.LockWait.Duration = DefaultLockWait
-	}
-	if e.Cluster.Splay.Duration == 0 {
-		e.Cluster.Splay.Duration = DefaultSplay
+	e.Push = c.Push.WithDefaults()
+	e.Watch = c.Watch.WithDefaults()
+	e.Watch.Push = push.Options{}
+	e.Cluster = c.Cluster.WithDefaults()
+	if c.Balance.Enabled() {
+		e.Balance = c.Balance.WithDefaults()
 	}
 	if m, err := MetricsAddr(c.Metrics.Listen); err == nil {
 		e.Metrics.Listen = m
 	}
 	return &e
-}
-
-// WatchOptions returns the file's watch settings with its push settings.
-func (c *Config) WatchOptions() WatchOptions {
-	w := c.Watch
-	return WatchOptions{
-		Push: c.PushOptions(), Quiet: w.Quiet.Duration, MaxWait: w.MaxWait.Duration, Reconcile: w.Reconcile.Duration,
-		ReportMismatchAfter: w.ReportMismatchAfter.Duration, BackoffMin: w.BackoffMin.Duration, BackoffMax: w.BackoffMax.Duration,
-		MaxRestartsPerHour: w.MaxRestartsPerHour, ExpiryWarning: w.ExpiryWarning.Duration,
-	}
 }

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/mmtls/mmtls/test/fixture"
 )
 
 const goodConfig = `# mmtls agent
@@ -36,7 +38,7 @@ func TestParseConfig(t *testing.T) {
 	if o.CertFile != "/etc/letsencrypt/live/chat/fullchain.pem" || o.Listen != ":8443" || o.VerifyTimeout != 90*time.Second {
 		t.Errorf("push options %+v", o)
 	}
-	if c.Watch.Quiet.Duration != 2*time.Second || c.Watch.MaxRestartsPerHour != 2 || c.Cluster.Mode != "splay" {
+	if c.Watch.Quiet != 2*time.Second || c.Watch.MaxRestartsPerHour != 2 || c.Cluster.Mode != "splay" {
 		t.Errorf("config %+v", c)
 	}
 }
@@ -66,7 +68,7 @@ func TestParseConfigErrors(t *testing.T) {
 }
 
 func TestLoadConfigPermissions(t *testing.T) {
-	requireRoot(t)
+	fixture.RequireRoot(t)
 	path := filepath.Join(t.TempDir(), "mmtls.toml")
 	os.WriteFile(path, []byte(goodConfig), 0o644)
 	if _, err := LoadConfig(path); err != nil {

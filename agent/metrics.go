@@ -13,7 +13,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/mmtls/mmtls/agent/passthrough"
+	"github.com/mmtls/mmtls/agent/push"
 )
+
+// metricsShutdownTimeout bounds waiting for scrapes in flight at stop.
+const metricsShutdownTimeout = 5 * time.Second
 
 // DefaultMetricsPort is the port of --metrics-listen given without a host.
 const DefaultMetricsPort = "9469"
@@ -61,7 +65,7 @@ func NewMetrics() *Metrics {
 	return m
 }
 
-func (m *Metrics) observePush(res *Result, err error) {
+func (m *Metrics) observePush(res *push.Result, err error) {
 	if m == nil {
 		return
 	}
@@ -73,12 +77,12 @@ func (m *Metrics) observePush(res *Result, err error) {
 		if res.Verified && res.Restarted {
 			m.verify.Observe(res.Timings.Verify / 1000)
 		}
-	case errors.Is(err, ErrRefused), errors.Is(err, ErrUsage):
+	case errors.Is(err, push.ErrRefused), errors.Is(err, push.ErrUsage):
 		result = "refused"
-	case errors.Is(err, ErrRollbackFailed):
+	case errors.Is(err, push.ErrRollbackFailed):
 		result = "rollback-failed"
 		m.rollbacks.Inc()
-	case errors.Is(err, ErrRolledBack):
+	case errors.Is(err, push.ErrRolledBack):
 		result = "rolled-back"
 		m.rollbacks.Inc()
 	}
@@ -140,13 +144,16 @@ func MetricsAddr(v string) (string, error) {
 func ServeMetrics(ctx context.Context, ln net.Listener, m *Metrics, log *slog.Logger) error {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	// Scrapers reconnect every interval; an idle or slow client must not
+	// hold a descriptor for long.
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
+		WriteTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 16 << 10}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	logger(log).Info("serving metrics", "addr", ln.Addr().String())
 	select {
 	case <-ctx.Done():
-		shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		shut, cancel := context.WithTimeout(context.Background(), metricsShutdownTimeout)
 		defer cancel()
 		err := srv.Shutdown(shut)
 		<-errc
@@ -156,8 +163,8 @@ func ServeMetrics(ctx context.Context, ln net.Listener, m *Metrics, log *slog.Lo
 	}
 }
 
-// watchBalancer exports the balancer's per-upstream state.
-func (m *Metrics) watchBalancer(b *passthrough.Balancer) {
+// WatchBalancer exports the balancer's per-upstream state.
+func (m *Metrics) WatchBalancer(b *passthrough.Balancer) {
 	if m == nil {
 		return
 	}

@@ -2,13 +2,16 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
+	"reflect"
 	"sync"
 	"time"
 
 	"github.com/kardianos/service"
+	"github.com/mmtls/mmtls/agent/balance"
+	"github.com/mmtls/mmtls/agent/clock"
+	"github.com/mmtls/mmtls/agent/push"
 )
 
 // DefaultStopTimeout bounds how long stopping the agent may take: a push
@@ -72,86 +75,149 @@ func (p *Program) Stop(service.Service) error {
 	}
 }
 
-// Agent is what `mmtls run` and `mmtls watch` run: the watch loop, the
-// cluster restart lock and, when asked, the metrics endpoint.
-type Agent struct {
+// Settings are everything an Agent runs with, as its loader builds them
+// from the config file and the flags.
+type Settings struct {
+	// Watch is the watch loop's options; ignored when NoWatch.
 	Watch WatchOptions
-	// ClusterMode, ClusterDSN, LockWait and Splay: see ClusterConfig.
-	ClusterMode, ClusterDSN string
-	LockWait, Splay         time.Duration
-	// MetricsListen, if set, serves Prometheus metrics there.
-	MetricsListen string
-	Logger        *slog.Logger
-	// UnitDirs: see Pusher.
-	UnitDirs []string
-	// Balance, if not nil, runs the balancer beside the watch loop
-	// (a [balance] section in the config file).
-	Balance *BalanceService
 	// NoWatch runs the balancer alone: a config file without [source].
 	NoWatch bool
+	// Cluster chooses how restarts are coordinated. Read at start only.
+	Cluster ClusterConfig
+	// MetricsListen, if set, serves Prometheus metrics there. Read at
+	// start only.
+	MetricsListen string
+	// Balance, if not nil, runs the balancer beside the watch loop (a
+	// [balance] section in the config file).
+	Balance *balance.Options
+}
 
-	watcher *Watcher
+// Agent is what `mmtls run` and `mmtls watch` run: the watch loop, the
+// cluster restart lock, the balancer and the metrics endpoint, configured
+// by one loader that Run and Reload both call.
+type Agent struct {
+	load     func() (Settings, error)
+	log      *slog.Logger
+	unitDirs []string
+	clock    clock.Clock
+	metrics  *Metrics // lives as long as the Agent, across reloads
+
+	mu       sync.Mutex
+	settings Settings         // in force; guarded by mu
+	watcher  *Watcher         // set by Run; guarded by mu
+	balancer *balance.Service // set by Run; guarded by mu
+}
+
+// AgentConfig are an Agent's dependencies.
+type AgentConfig struct {
+	// Load reads the settings: at Run, and again at each Reload.
+	Load func() (Settings, error)
+	// Logger receives everything the agent logs. Nil discards.
+	Logger *slog.Logger
+	// UnitDirs: see push.Pusher. Nil means systemd's own.
+	UnitDirs []string
+	// Clock drives the watch loop and the cluster lock. Nil means the
+	// system clock.
+	Clock clock.Clock
+}
+
+// NewAgent returns an agent that loads its settings with c.Load.
+func NewAgent(c AgentConfig) *Agent {
+	return &Agent{load: c.Load, log: logger(c.Logger), unitDirs: c.UnitDirs, clock: clock.Or(c.Clock), metrics: NewMetrics()}
 }
 
 // Metrics returns the agent's metrics, shared with its balancer.
-func (a *Agent) Metrics() *Metrics { return a.watcher.Metrics }
+func (a *Agent) Metrics() *Metrics { return a.metrics }
 
-// NewAgent returns an agent; set its exported fields before Run.
-func NewAgent(log *slog.Logger) *Agent {
-	return &Agent{Logger: log, watcher: NewWatcher(&Pusher{Logger: log}, log, NewMetrics())}
-}
-
-// Run runs the agent until ctx is cancelled, and returns after everything
-// it started has stopped. Call it once.
+// Run loads the settings and runs the agent until ctx is cancelled, then
+// returns after everything it started has stopped. Call it once.
 func (a *Agent) Run(ctx context.Context) error {
-	log := logger(a.Logger)
-	m := a.watcher.Metrics
-	if a.NoWatch && a.Balance == nil {
-		return usage(errors.New("nothing to run: the config has neither [source] nor [balance]"))
+	s, err := a.load()
+	if err != nil {
+		return err
 	}
-	if !a.NoWatch {
-		lock, err := NewRestartLock(a.ClusterMode, a.ClusterDSN, a.LockWait, a.Splay, a.Watch.Push, a.UnitDirs, log, m)
+	if s.NoWatch && s.Balance == nil {
+		return fmt.Errorf("nothing to run: the config has neither [source] nor [balance]: %w", push.ErrUsage)
+	}
+	var w *Watcher
+	if !s.NoWatch {
+		lock, err := NewRestartLock(s.Cluster, s.Watch.Push, a.unitDirs, a.log, a.metrics)
 		if err != nil {
 			return err
 		}
 		if lock != nil {
-			log.Info("restarts are coordinated across the cluster", "with", lock.String())
+			a.log.Info("restarts are coordinated across the cluster", "with", lock.String())
 		}
-		// The loop is not running yet: nothing else reads the Pusher.
-		a.watcher.Pusher.UnitDirs, a.watcher.Pusher.Cluster = a.UnitDirs, lock
+		p := &push.Pusher{Logger: a.log, UnitDirs: a.unitDirs, Cluster: lock, Clock: a.clock}
+		w = NewWatcher(p, a.log, a.metrics)
+		w.Clock = a.clock
 	}
+	var b *balance.Service
+	if s.Balance != nil {
+		b = &balance.Service{Options: *s.Balance, Logger: a.log, Started: a.metrics.WatchBalancer}
+	}
+	a.mu.Lock()
+	a.settings, a.watcher, a.balancer = s, w, b
+	a.mu.Unlock()
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	if a.MetricsListen != "" {
-		wait, err := StartMetrics(ctx, a.MetricsListen, m, log)
+	if s.MetricsListen != "" {
+		wait, err := StartMetrics(ctx, s.MetricsListen, a.metrics, a.log)
 		if err != nil {
 			return err
 		}
 		defer wait()
 		defer cancel() // runs first: stops the server, then waits for it
 	}
-	if a.Balance == nil {
-		return a.watcher.Run(ctx, a.Watch)
+	var runs []func(context.Context) error
+	if w != nil {
+		runs = append(runs, func(ctx context.Context) error { return w.Run(ctx, s.Watch) })
 	}
-	a.Balance.Metrics = m
-	errc := make(chan error, 2)
-	running := 1
-	go func() { errc <- a.Balance.Run(ctx) }()
-	if !a.NoWatch {
-		running++
-		go func() { errc <- a.watcher.Run(ctx, a.Watch) }()
+	if b != nil {
+		runs = append(runs, b.Run)
+	}
+	errc := make(chan error, len(runs))
+	for _, run := range runs {
+		go func() { errc <- run(ctx) }()
 	}
 	var first error
-	for range running {
+	for range runs {
 		if err := <-errc; err != nil && first == nil {
 			first = err
-			cancel() // one failed: stop the other
+			cancel() // one failed: stop the others
 		}
 	}
 	return first
 }
 
-// Reload hands the watch loop new options (SIGHUP). Safe to call from
-// any goroutine, before or during Run.
-func (a *Agent) Reload(o WatchOptions) { a.watcher.Reload(o) }
+// Reload loads the settings again (SIGHUP) and hands the running parts
+// what changed: the watch loop its options, the balancer its upstreams and
+// checks. What needs a restart (cluster coordination, the metrics address,
+// adding or removing the watch or the balancer) is logged and kept as it
+// is. On an error the running settings stay in force. Safe to call from
+// any goroutine, after Run has started.
+func (a *Agent) Reload() error {
+	s, err := a.load()
+	if err != nil {
+		return err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	old := a.settings
+	if a.watcher != nil && !s.NoWatch && !reflect.DeepEqual(old.Watch, s.Watch) {
+		a.watcher.Reload(s.Watch)
+		old.Watch = s.Watch
+	}
+	if a.balancer != nil && s.Balance != nil && !reflect.DeepEqual(*old.Balance, *s.Balance) {
+		if err := a.balancer.Reload(*s.Balance); err != nil {
+			return err
+		}
+		old.Balance = s.Balance
+	}
+	if old.Cluster != s.Cluster || old.MetricsListen != s.MetricsListen || old.NoWatch != s.NoWatch || (old.Balance == nil) != (s.Balance == nil) {
+		a.log.Warn("some changed settings take effect at the next start: [cluster], [metrics], or adding or removing [source] or [balance]")
+	}
+	a.settings = old
+	return nil
+}

@@ -12,45 +12,68 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 
+	"github.com/mmtls/mmtls/agent/clock"
+	"github.com/mmtls/mmtls/agent/push"
 	"github.com/mmtls/mmtls/certs"
 )
 
-// Watch defaults.
+// Defaults of WatchOptions.
 const (
-	DefaultQuiet               = 5 * time.Second
-	DefaultMaxWait             = time.Minute
-	DefaultReconcile           = 10 * time.Minute
+	// DefaultQuiet outlasts certbot's renewal, which replaces the live/
+	// links one at a time within milliseconds, and an editor's
+	// write-then-rename, so a renewal is pushed once, complete.
+	DefaultQuiet = 5 * time.Second
+	// DefaultMaxWait bounds the quiet wait while changes keep coming (a
+	// script rewriting the pair in a loop still gets it pushed).
+	DefaultMaxWait = time.Minute
+	// DefaultReconcile catches what notifications miss (NFS, an inotify
+	// overflow, a Mattermost restarted with other files) within minutes.
+	DefaultReconcile = 10 * time.Minute
+	// DefaultReportMismatchAfter is longer than any renewal takes: a pair
+	// that stays inconsistent longer is broken, not mid-renewal.
 	DefaultReportMismatchAfter = 10 * time.Minute
-	DefaultBackoffMin          = 30 * time.Second
-	DefaultBackoffMax          = 30 * time.Minute
-	DefaultMaxRestartsPerHour  = 4
+	// DefaultBackoffMin and DefaultBackoffMax bound the retries after a
+	// failed push: each restarts Mattermost, so they must not come fast,
+	// and a cause fixed at night is picked up within half an hour.
+	DefaultBackoffMin = 30 * time.Second
+	DefaultBackoffMax = 30 * time.Minute
+	// DefaultMaxRestartsPerHour caps restarts caused by pushes: a renewal
+	// takes one; more than four an hour is a loop, not renewals.
+	DefaultMaxRestartsPerHour = 4
+	// DefaultExpiryWarning matches the warning push gives.
+	DefaultExpiryWarning = certs.DefaultExpiryWarning
+	// expiryCheckEvery is how often the expiry warning is repeated.
+	expiryCheckEvery = 24 * time.Hour
 )
 
-// WatchOptions configures the watch loop. Zero values mean the defaults
-// above; a negative Reconcile disables the periodic reconcile and a negative
-// MaxRestartsPerHour the restart cap.
+// WatchOptions configures the watch loop; its fields, but Push, are the
+// keys of the config file's [watch] section. Zero values mean the defaults
+// above; a negative Reconcile disables the periodic reconcile and a
+// negative MaxRestartsPerHour the restart cap.
 type WatchOptions struct {
 	// Push is what each push does; its CertFile and KeyFile are the source
-	// pair that is watched.
-	Push PushOptions
+	// pair that is watched. The config file sets it in [source] and [push].
+	Push push.Options `toml:"-"`
 	// Quiet is how long the source must stay unchanged before it is read;
 	// MaxWait bounds that wait while changes keep coming.
-	Quiet, MaxWait time.Duration
+	Quiet   time.Duration `toml:"quiet"`
+	MaxWait time.Duration `toml:"max_wait"`
 	// Reconcile is how often the installed pair is compared with the source
 	// even without events (NFS, inotify overflow).
-	Reconcile time.Duration
+	Reconcile time.Duration `toml:"reconcile"`
 	// ReportMismatchAfter is how long an inconsistent source pair (a key
 	// that does not match, a half-written file) is retried quietly before
 	// it is reported.
-	ReportMismatchAfter time.Duration
+	ReportMismatchAfter time.Duration `toml:"report_mismatch_after"`
 	// BackoffMin and BackoffMax bound the exponential backoff after a
 	// failed push.
-	BackoffMin, BackoffMax time.Duration
+	BackoffMin time.Duration `toml:"backoff_min"`
+	BackoffMax time.Duration `toml:"backoff_max"`
 	// MaxRestartsPerHour caps Mattermost restarts.
-	MaxRestartsPerHour int
+	MaxRestartsPerHour int `toml:"max_restarts_per_hour"`
 	// ExpiryWarning: a warning is logged once a day while the installed
-	// certificate expires within this. 0 means 21 days.
-	ExpiryWarning time.Duration
+	// certificate expires within this.
+	ExpiryWarning time.Duration `toml:"expiry_warning"`
 }
 
 // WithDefaults returns o with zero fields set to their defaults.
@@ -67,7 +90,7 @@ func (o WatchOptions) WithDefaults() WatchOptions {
 	set(&o.ReportMismatchAfter, DefaultReportMismatchAfter)
 	set(&o.BackoffMin, DefaultBackoffMin)
 	set(&o.BackoffMax, DefaultBackoffMax)
-	set(&o.ExpiryWarning, certs.DefaultExpiryWarning)
+	set(&o.ExpiryWarning, DefaultExpiryWarning)
 	if o.MaxRestartsPerHour == 0 {
 		o.MaxRestartsPerHour = DefaultMaxRestartsPerHour
 	}
@@ -77,20 +100,28 @@ func (o WatchOptions) WithDefaults() WatchOptions {
 	return o
 }
 
+// Pusher runs one push; *push.Pusher is the real one.
+type Pusher interface {
+	Push(ctx context.Context, o push.Options) (*push.Result, error)
+}
+
 // Watcher runs the watch loop: it pushes the source pair whenever a
 // consistent new one appears, and at start if it is not in place.
 type Watcher struct {
-	Pusher *Pusher
+	Pusher Pusher
 	// Logger receives the loop's transitions. Nil discards.
 	Logger *slog.Logger
 	// Metrics, if not nil, is updated as the loop runs.
 	Metrics *Metrics
+	// Clock drives the quiet period, backoff, restart cap, reconcile and
+	// expiry warning. Nil means the system clock.
+	Clock clock.Clock
 
 	reload chan WatchOptions
 }
 
 // NewWatcher returns a Watcher that pushes with p.
-func NewWatcher(p *Pusher, log *slog.Logger, m *Metrics) *Watcher {
+func NewWatcher(p Pusher, log *slog.Logger, m *Metrics) *Watcher {
 	return &Watcher{Pusher: p, Logger: log, Metrics: m, reload: make(chan WatchOptions, 1)}
 }
 
@@ -114,7 +145,8 @@ type watchLoop struct {
 	dirs  map[string]bool // directories watched
 	names map[string]bool // base names whose events matter
 
-	timer        *time.Timer
+	clock        clock.Clock
+	timer        clock.Timer
 	pendingSince time.Time // first event of the current burst; zero when idle
 
 	pushed        string // source identity last pushed successfully
@@ -138,18 +170,18 @@ func (w *Watcher) Run(ctx context.Context, o WatchOptions) error {
 		return fmt.Errorf("watch: %w", err)
 	}
 	defer fsw.Close()
-	l := &watchLoop{w: w, log: logger(w.Logger), o: o.WithDefaults(), fsw: fsw, dirs: map[string]bool{}}
+	l := newWatchLoop(w, o.WithDefaults(), fsw)
 	if err := l.o.Push.Validate(); err != nil {
 		return err
 	}
 	l.rearm()
 	l.log.Info("watching the source pair", "cert", l.o.Push.CertFile, "key", l.o.Push.KeyFile, "dirs", l.watchedDirs())
 
-	l.timer = time.NewTimer(0) // provision at start
+	l.timer = l.clock.NewTimer(0) // provision at start
 	defer l.timer.Stop()
-	reconcile := newTicker(l.o.Reconcile)
+	reconcile := newTicker(l.clock, l.o.Reconcile)
 	defer reconcile.Stop()
-	daily := time.NewTicker(24 * time.Hour)
+	daily := l.clock.NewTicker(expiryCheckEvery)
 	defer daily.Stop()
 
 	for {
@@ -170,17 +202,17 @@ func (w *Watcher) Run(ctx context.Context, o WatchOptions) error {
 			l.log.Warn("file notification error; checking the source", "err", err)
 			l.rearm()
 			l.schedule(l.o.Quiet)
-		case <-l.timer.C:
+		case <-l.timer.C():
 			l.process(ctx, false)
-		case <-reconcile.C:
+		case <-reconcile.C():
 			l.process(ctx, true)
-		case <-daily.C:
+		case <-daily.C():
 			l.checkExpiry()
 		case no := <-w.reload:
 			l.o = no.WithDefaults()
 			l.refused = ""
 			reconcile.Stop()
-			reconcile = newTicker(l.o.Reconcile)
+			reconcile = newTicker(l.clock, l.o.Reconcile)
 			l.rearm()
 			l.log.Info("configuration reloaded", "cert", l.o.Push.CertFile, "key", l.o.Push.KeyFile)
 			l.schedule(0)
@@ -188,15 +220,19 @@ func (w *Watcher) Run(ctx context.Context, o WatchOptions) error {
 	}
 }
 
+func newWatchLoop(w *Watcher, o WatchOptions, fsw *fsnotify.Watcher) *watchLoop {
+	return &watchLoop{w: w, log: logger(w.Logger), o: o, fsw: fsw, clock: clock.Or(w.Clock), dirs: map[string]bool{}}
+}
+
 // newTicker returns a ticker for d, or a stopped one that never fires when
 // d is negative.
-func newTicker(d time.Duration) *time.Ticker {
+func newTicker(c clock.Clock, d time.Duration) clock.Ticker {
 	if d <= 0 {
-		t := time.NewTicker(time.Hour)
+		t := c.NewTicker(time.Hour)
 		t.Stop()
 		return t
 	}
-	return time.NewTicker(d)
+	return c.NewTicker(d)
 }
 
 // event handles one file notification: relevant ones (re)start the quiet
@@ -209,7 +245,7 @@ func (l *watchLoop) event(ev fsnotify.Event) {
 	l.w.Metrics.watchEvent()
 	l.log.Debug("source event", "name", ev.Name, "op", ev.Op.String())
 	l.rearm() // links may now point elsewhere; a directory may be back
-	now := time.Now()
+	now := l.clock.Now()
 	if l.pendingSince.IsZero() {
 		l.pendingSince = now
 	}
@@ -220,14 +256,9 @@ func (l *watchLoop) event(ev fsnotify.Event) {
 	l.schedule(wait)
 }
 
-func (l *watchLoop) schedule(d time.Duration) {
-	l.timer.Stop()
-	select {
-	case <-l.timer.C:
-	default:
-	}
-	l.timer.Reset(d)
-}
+// schedule makes the loop process the source d from now, replacing what
+// was scheduled (Reset drops a value not yet received).
+func (l *watchLoop) schedule(d time.Duration) { l.timer.Reset(d) }
 
 // rearm watches the directories holding the source files and the targets
 // of their links, or the nearest existing ancestor of one that is missing
@@ -289,7 +320,7 @@ func (l *watchLoop) process(ctx context.Context, reconcile bool) {
 	if err != nil {
 		// Mid-renewal (certbot swaps the links one at a time) or
 		// half-written: try again quietly, report only if it lasts.
-		now := time.Now()
+		now := l.clock.Now()
 		if l.mismatchSince.IsZero() {
 			l.mismatchSince = now
 		}
@@ -333,25 +364,25 @@ func (l *watchLoop) process(ctx context.Context, reconcile bool) {
 	res, err := l.w.Pusher.Push(ctx, o.Push)
 	l.w.Metrics.observePush(res, err)
 	if res != nil && res.Restarted {
-		l.restarts = append(l.restarts, time.Now())
+		l.restarts = append(l.restarts, l.clock.Now())
 	}
 	switch {
 	case err == nil:
 		l.pushed, l.failures = id, 0
 		l.notAfter = pair.Leaf().NotAfter
-		if res.Status != StatusUnchanged {
+		if res.Status != push.StatusUnchanged {
 			l.log.Info("pushed the source pair", "status", res.Status, "fingerprint", res.Certificate.Fingerprint)
 		}
 		l.checkExpiry()
-	case errors.Is(err, ErrRefused):
+	case errors.Is(err, push.ErrRefused):
 		l.refused = id
 		l.log.Error("the source pair was refused; it is not retried until it changes", "err", err)
-	case errors.Is(err, ErrUsage):
+	case errors.Is(err, push.ErrUsage):
 		l.refused = id
 		l.log.Error("push settings are wrong; fix the config and reload", "err", err)
 	default:
 		l.failures++
-		backoff := o.BackoffMin << min(l.failures-1, 20)
+		backoff := o.BackoffMin << min(l.failures-1, maxBackoffDoublings)
 		if backoff > o.BackoffMax || backoff <= 0 {
 			backoff = o.BackoffMax
 		}
@@ -360,12 +391,16 @@ func (l *watchLoop) process(ctx context.Context, reconcile bool) {
 	}
 }
 
+// maxBackoffDoublings keeps the backoff shift from overflowing; BackoffMax
+// caps it long before.
+const maxBackoffDoublings = 20
+
 // restartCapWait says how long until another restart is allowed.
 func (l *watchLoop) restartCapWait() time.Duration {
 	if l.o.MaxRestartsPerHour < 0 {
 		return 0
 	}
-	now := time.Now()
+	now := l.clock.Now()
 	kept := l.restarts[:0]
 	for _, t := range l.restarts {
 		if now.Sub(t) < time.Hour {
@@ -384,7 +419,7 @@ func (l *watchLoop) checkExpiry() {
 		return
 	}
 	l.w.Metrics.certNotAfter(l.notAfter)
-	if left := time.Until(l.notAfter); left < l.o.ExpiryWarning {
+	if left := l.notAfter.Sub(l.clock.Now()); left < l.o.ExpiryWarning {
 		l.log.Warn("the installed certificate expires soon; is renewal working?", "not_after", l.notAfter, "days_left", int(left.Hours()/24))
 	}
 }
@@ -392,5 +427,5 @@ func (l *watchLoop) checkExpiry() {
 // sourceID identifies a pair by its content.
 func sourceID(p *certs.Pair) string {
 	kfp, _ := certs.PublicKeyFingerprint(p.Key.Public())
-	return certs.Fingerprint(p.Leaf()) + "/" + kfp + "/" + sha256Hex(p.CertPEM)
+	return certs.Fingerprint(p.Leaf()) + "/" + kfp + "/" + certs.SHA256Hex(p.CertPEM)
 }

@@ -43,3 +43,24 @@ func FirstCertificate(data []byte) (*x509.Certificate, error) {
 		}
 	}
 }
+
+// SHA256Hex returns the hex SHA-256 of b: how installed files and backups
+// are identified in results and journals.
+func SHA256Hex(b []byte) string {
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+// LoadRoots reads a PEM file of trusted root certificates (a private CA's
+// roots), bounded like a certificate file.
+func LoadRoots(path string) (*x509.CertPool, error) {
+	data, err := readLimited(path)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(data) {
+		return nil, fmt.Errorf("%q holds no PEM certificate", path)
+	}
+	return pool, nil
+}

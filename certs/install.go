@@ -3,8 +3,6 @@ package certs
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -182,7 +180,7 @@ func Install(ctx context.Context, req InstallRequest) (*InstallResult, error) {
 }
 
 func inspect(d *Dir, f File, want FileAttrs) (FileResult, error) {
-	fr := FileResult{Name: f.Name, Path: d.Join(f.Name), SHA256: sha256Hex(f.Data), Action: ActionReplace}
+	fr := FileResult{Name: f.Name, Path: d.Join(f.Name), SHA256: SHA256Hex(f.Data), Action: ActionReplace}
 	st, err := d.Lstat(f.Name)
 	if errors.Is(err, fs.ErrNotExist) {
 		fr.Action = ActionCreate
@@ -195,7 +193,7 @@ func inspect(d *Dir, f File, want FileAttrs) (FileResult, error) {
 		fr.Suspicious = why
 		return fr, nil
 	}
-	old, state, err := d.ReadFile(f.Name, maxFileSize)
+	old, state, err := d.ReadFile(f.Name, MaxFileSize)
 	if errors.Is(err, ErrUntrustedFile) {
 		// Swapped between the stat and the open: as untrusted as it gets.
 		fr.Suspicious = "changed while inspected"
@@ -204,7 +202,7 @@ func inspect(d *Dir, f File, want FileAttrs) (FileResult, error) {
 	if err != nil {
 		return fr, err
 	}
-	fr.Previous = &Previous{UID: state.UID, GID: state.GID, Mode: state.Mode, SHA256: sha256Hex(old), data: old}
+	fr.Previous = &Previous{UID: state.UID, GID: state.GID, Mode: state.Mode, SHA256: SHA256Hex(old), data: old}
 	if bytes.Equal(old, f.Data) {
 		fr.Action = ActionUnchanged
 		if state.UID != want.UID || state.GID != want.GID || state.Mode != want.Mode.Perm() {
@@ -289,9 +287,4 @@ func Restore(ctx context.Context, dir string, files []FileResult) error {
 		return fmt.Errorf("restore %q: %w", dir, err)
 	}
 	return nil
-}
-
-func sha256Hex(b []byte) string {
-	sum := sha256.Sum256(b)
-	return hex.EncodeToString(sum[:])
 }

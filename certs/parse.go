@@ -16,9 +16,9 @@ import (
 	"strings"
 )
 
-// maxFileSize bounds what is read from a certificate or key file. Real
+// MaxFileSize bounds what is read from a certificate or key file. Real
 // chains are a few KiB; anything this large is the wrong file.
-const maxFileSize = 1 << 20
+const MaxFileSize = 1 << 20
 
 // Pair is a parsed certificate chain and the private key that belongs to its
 // leaf. A Pair is immutable once returned and safe for concurrent reads.
@@ -73,12 +73,12 @@ func readLimited(name string) ([]byte, error) {
 	if !fi.Mode().IsRegular() {
 		return nil, fmt.Errorf("%s: not a regular file (%s)", name, fi.Mode().Type())
 	}
-	data, err := io.ReadAll(io.LimitReader(f, maxFileSize+1))
+	data, err := io.ReadAll(io.LimitReader(f, MaxFileSize+1))
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	if len(data) > maxFileSize {
-		return nil, fmt.Errorf("%s: larger than %d bytes; this is not a certificate or key file", name, maxFileSize)
+	if len(data) > MaxFileSize {
+		return nil, fmt.Errorf("%s: larger than %d bytes; this is not a certificate or key file", name, MaxFileSize)
 	}
 	return data, nil
 }

@@ -108,7 +108,7 @@ func walkKeys(t reflect.Type, prefix string, f func(string)) {
 		if tag == "" || tag == "-" {
 			continue
 		}
-		if fld.Type.Kind() == reflect.Struct && fld.Type != reflect.TypeOf(agent.Duration{}) {
+		if fld.Type.Kind() == reflect.Struct {
 			walkKeys(fld.Type, prefix+tag+".", f)
 			continue
 		}

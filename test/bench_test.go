@@ -11,6 +11,7 @@ import (
 	"github.com/fsnotify/fsnotify"
 
 	"github.com/mmtls/mmtls/agent"
+	"github.com/mmtls/mmtls/agent/push"
 	"github.com/mmtls/mmtls/test/fixture"
 	"github.com/mmtls/mmtls/test/pki"
 )
@@ -69,11 +70,11 @@ func BenchmarkPushNoRestart(b *testing.B) {
 		b.Skip("needs root")
 	}
 	_, tree, caFile, pairs := benchTree(b)
-	opts := func(p *fixture.Pair) agent.PushOptions {
-		return agent.PushOptions{CertFile: p.CertFile, KeyFile: p.KeyFile, MattermostDir: tree.MattermostDir,
+	opts := func(p *fixture.Pair) push.Options {
+		return push.Options{CertFile: p.CertFile, KeyFile: p.KeyFile, MattermostDir: tree.MattermostDir,
 			StateDir: tree.StateDir, CAFile: caFile, Owner: mmUser, NoRestart: true}
 	}
-	pu := &agent.Pusher{}
+	pu := &push.Pusher{}
 	ctx := context.Background()
 	// next alternates the pairs across every push, whichever sub-benchmark
 	// (and however many times the framework calls it).
@@ -82,7 +83,7 @@ func BenchmarkPushNoRestart(b *testing.B) {
 	b.Run("rotate", func(b *testing.B) {
 		for b.Loop() {
 			res, err := pu.Push(ctx, opts(flip()))
-			if err != nil || res.Status != agent.StatusChanged {
+			if err != nil || res.Status != push.StatusChanged {
 				b.Fatalf("push: %v %v", res, err)
 			}
 		}
@@ -91,7 +92,7 @@ func BenchmarkPushNoRestart(b *testing.B) {
 		same := pairs[next%2] // installed by the last push
 		for b.Loop() {
 			res, err := pu.Push(ctx, opts(same))
-			if err != nil || res.Status != agent.StatusUnchanged {
+			if err != nil || res.Status != push.StatusUnchanged {
 				b.Fatalf("push: %v %v", res, err)
 			}
 		}
@@ -130,7 +131,7 @@ func BenchmarkWatchLatency(b *testing.B) {
 	install(pairs[0])
 
 	const quiet = 50 * time.Millisecond
-	opts := agent.WatchOptions{Quiet: quiet, MaxWait: time.Second, Reconcile: -1, Push: agent.PushOptions{
+	opts := agent.WatchOptions{Quiet: quiet, MaxWait: time.Second, Reconcile: -1, Push: push.Options{
 		CertFile: cert, KeyFile: key, MattermostDir: tree.MattermostDir, StateDir: tree.StateDir,
 		CAFile: caFile, Owner: mmUser, NoRestart: true}}
 	installed := filepath.Join(tree.ConfigDir, "privkey.pem")
@@ -158,7 +159,7 @@ func BenchmarkWatchLatency(b *testing.B) {
 	}
 
 	ctx, cancel := context.WithCancel(context.Background())
-	w := agent.NewWatcher(&agent.Pusher{}, nil, nil)
+	w := agent.NewWatcher(&push.Pusher{}, nil, nil)
 	done := make(chan error, 1)
 	go func() { done <- w.Run(ctx, opts) }()
 	defer func() { cancel(); <-done }()

@@ -166,6 +166,12 @@ func (b *Balancer) newPicker(key string) *picker {
 	return &picker{b: b, key: key, pos: b.ring.Start(key), tried: map[*upstream]bool{}}
 }
 
+// hashTries is how many ring points the hash method walks past
+// unavailable upstreams before falling back to the next one in order:
+// nginx's ngx_stream_upstream_get_chash_peer gives up after 20 too, and
+// matching it keeps the mapping identical when nodes are down.
+const hashTries = 20
+
 // next returns the next upstream to try, or nil. When no upstream at all
 // is live, the passive failure counts are reset, so the next connection
 // tries them again (nginx's "no live upstreams" recovery).
@@ -176,7 +182,7 @@ func (p *picker) next(now time.Time) *upstream {
 	ok := func(u *upstream) bool { return !p.tried[u] && b.available(u, now) }
 	var u *upstream
 	if b.cfg.method() == MethodHash && len(b.ups) > 1 {
-		for p.tries <= 20 {
+		for p.tries <= hashTries {
 			cand := b.ups[b.ring.Server(p.pos)]
 			if ok(cand) {
 				u = cand

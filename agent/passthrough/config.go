@@ -104,27 +104,61 @@ type HealthConfig struct {
 	CutOnDown bool
 }
 
-func (c *Config) connectTimeout() time.Duration { return or(c.ConnectTimeout, 5*time.Second) }
-func (c *Config) nextTimeout() time.Duration    { return or(c.NextUpstreamTimeout, 30*time.Second) }
-func (c *Config) idleTimeout() time.Duration    { return or(c.IdleTimeout, 10*time.Minute) }
-func (c *Config) helloTimeout() time.Duration   { return or(c.HelloTimeout, 10*time.Second) }
-func (c *Config) failTimeout() time.Duration    { return or(c.FailTimeout, 10*time.Second) }
+// Defaults of Config, each the value of the nginx or HAProxy setting it
+// mirrors, so that moving between them changes nothing.
+const (
+	// DefaultConnectTimeout is 5s, HAProxy's usual "timeout connect"
+	// (nginx's proxy_connect_timeout defaults to 60s): a node that takes
+	// longer to accept is better skipped for the next one.
+	DefaultConnectTimeout = 5 * time.Second
+	// DefaultNextUpstreamTimeout bounds trying node after node.
+	DefaultNextUpstreamTimeout = 30 * time.Second
+	// DefaultIdleTimeout is nginx's proxy_timeout: longer than Mattermost's
+	// websocket ping interval, so live websockets are never cut.
+	DefaultIdleTimeout = 10 * time.Minute
+	// DefaultHelloTimeout bounds the ClientHello read (nginx's
+	// preread_timeout is 30s; a real client sends it at once).
+	DefaultHelloTimeout = 10 * time.Second
+	// DefaultMaxFails and DefaultFailTimeout are nginx's max_fails and
+	// fail_timeout defaults.
+	DefaultMaxFails    = 1
+	DefaultFailTimeout = 10 * time.Second
+	// DefaultHealthInterval, DefaultRise and DefaultFall are HAProxy's
+	// inter, rise and fall defaults.
+	DefaultHealthInterval = 2 * time.Second
+	DefaultRise           = 2
+	DefaultFall           = 3
+)
+
+func (c *Config) connectTimeout() time.Duration { return or(c.ConnectTimeout, DefaultConnectTimeout) }
+func (c *Config) nextTimeout() time.Duration    { return or(c.NextUpstreamTimeout, DefaultNextUpstreamTimeout) }
+func (c *Config) idleTimeout() time.Duration    { return or(c.IdleTimeout, DefaultIdleTimeout) }
+func (c *Config) helloTimeout() time.Duration   { return or(c.HelloTimeout, DefaultHelloTimeout) }
+func (c *Config) failTimeout() time.Duration    { return or(c.FailTimeout, DefaultFailTimeout) }
 func (c *Config) maxFails() int {
 	if c.MaxFails == 0 {
-		return 1
+		return DefaultMaxFails
 	}
 	return c.MaxFails
 }
+
+// ConnectTimeoutOrDefault, IdleTimeoutOrDefault and the health accessors
+// return the value in force, for those who write equivalent configurations.
+func (c *Config) ConnectTimeoutOrDefault() time.Duration { return c.connectTimeout() }
+func (c *Config) IdleTimeoutOrDefault() time.Duration    { return c.idleTimeout() }
+func (h *HealthConfig) IntervalOrDefault() time.Duration { return h.interval() }
+func (h *HealthConfig) RiseOrDefault() int               { return h.rise() }
+func (h *HealthConfig) FallOrDefault() int               { return h.fall() }
 func (c *Config) method() Method {
 	if c.Method == "" {
 		return MethodHash
 	}
 	return c.Method
 }
-func (h *HealthConfig) interval() time.Duration { return or(h.Interval, 2*time.Second) }
+func (h *HealthConfig) interval() time.Duration { return or(h.Interval, DefaultHealthInterval) }
 func (h *HealthConfig) timeout() time.Duration  { return or(h.Timeout, h.interval()) }
-func (h *HealthConfig) rise() int               { return orInt(h.Rise, 2) }
-func (h *HealthConfig) fall() int               { return orInt(h.Fall, 3) }
+func (h *HealthConfig) rise() int               { return orInt(h.Rise, DefaultRise) }
+func (h *HealthConfig) fall() int               { return orInt(h.Fall, DefaultFall) }
 
 func or(d, def time.Duration) time.Duration {
 	if d == 0 {

@@ -18,12 +18,12 @@ const bufSize = 32 << 10
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
 
-// splice forwards bytes both ways between client and upstream, in two
+// forward forwards bytes both ways between client and upstream, in two
 // goroutines of its own, until both directions end, carrying half-closes
 // across, or until neither direction has moved a byte for idle; then it
 // calls done. It returns at once and closes neither connection. toUp and
 // toClient count the bytes forwarded each way.
-func splice(client, upstream net.Conn, idle time.Duration, toUp, toClient *atomic.Int64, done func()) {
+func forward(client, upstream net.Conn, idle time.Duration, toUp, toClient *atomic.Int64, done func()) {
 	h := &halves{done: done}
 	h.last.Store(time.Now().UnixNano())
 	h.left.Store(2)

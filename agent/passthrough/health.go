@@ -3,11 +3,7 @@ package passthrough
 import (
 	"context"
 	"crypto/tls"
-	"encoding/json"
-	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"time"
 )
 
@@ -77,32 +73,7 @@ func check(ctx context.Context, addr string, h HealthConfig) error {
 		}
 		return c.Close()
 	case HealthPing:
-		tr := &http.Transport{
-			TLSClientConfig:   tc,
-			DisableKeepAlives: true,
-			DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-				return (&net.Dialer{}).DialContext(ctx, network, addr)
-			},
-		}
-		defer tr.CloseIdleConnections()
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+h.ServerName+"/api/v4/system/ping", nil)
-		if err != nil {
-			return err
-		}
-		resp, err := (&http.Client{Transport: tr}).Do(req)
-		if err != nil {
-			return err
-		}
-		defer resp.Body.Close()
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-		var st struct {
-			Status string `json:"status"`
-		}
-		json.Unmarshal(body, &st)
-		if resp.StatusCode != http.StatusOK || st.Status != "OK" {
-			return fmt.Errorf("ping: HTTP %d, status %q", resp.StatusCode, st.Status)
-		}
-		return nil
+		return Ping(ctx, addr, tc, h.ServerName, PingPath)
 	}
 	return nil
 }

@@ -179,7 +179,7 @@ func (b *Balancer) handle(client net.Conn) {
 		}
 		u.toUpstream.Add(int64(len(hello)))
 	}
-	splice(c.client, up, cfg.idleTimeout(), &u.toUpstream, &u.toClient, finish)
+	forward(c.client, up, cfg.idleTimeout(), &u.toUpstream, &u.toClient, finish)
 }
 
 // connect dials upstreams in the method's order until one answers, within

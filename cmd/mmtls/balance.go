@@ -7,69 +7,39 @@ import (
 	"io"
 	"strings"
 	"text/tabwriter"
-	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
 	"github.com/mmtls/mmtls/agent"
+	"github.com/mmtls/mmtls/agent/balance"
 	"github.com/mmtls/mmtls/agent/passthrough"
+	"github.com/mmtls/mmtls/agent/push"
 )
 
-// balanceFlags binds the balancer's settings to flags and lays the ones
-// the user set over the config file's [balance] section.
+// balanceFlags binds the balancer's settings to flags (balance.Options'
+// tags) and lays the ones the user set over the config file's [balance]
+// section.
 type balanceFlags struct {
-	o             agent.BalanceOptions
-	sniPeek       bool
+	o             balance.Options
+	bound         *optionFlags
 	config, print string
 	metricsListen string
-	set           map[string]func(*agent.BalanceOptions)
 }
 
 func addBalanceFlags(cmd *cobra.Command) *balanceFlags {
-	bf := &balanceFlags{set: map[string]func(*agent.BalanceOptions){}}
-	f, o := cmd.Flags(), &bf.o
-	strs := func(p *[]string, name, usage string, copy func(*agent.BalanceOptions)) {
-		f.StringArrayVar(p, name, nil, usage)
-		bf.set[name] = copy
-	}
-	str := func(p *string, name, def, usage string, copy func(*agent.BalanceOptions)) {
-		f.StringVar(p, name, def, usage)
-		bf.set[name] = copy
-	}
-	dur := func(p *agent.Duration, name string, def time.Duration, usage string, copy func(*agent.BalanceOptions)) {
-		f.DurationVar(&p.Duration, name, def, usage)
-		bf.set[name] = copy
-	}
-	strs(&o.Listen, "listen", "address to listen on, [host]:port (repeatable; required)", func(d *agent.BalanceOptions) { d.Listen = o.Listen })
-	strs(&o.Upstreams, "upstream", "a Mattermost node, HOST:PORT[,weight=N] (repeatable; required)", func(d *agent.BalanceOptions) { d.Upstreams = o.Upstreams })
-	strs(&o.SNIAllow, "sni-allow", "only accept this server name (repeatable; needs --sni-peek)", func(d *agent.BalanceOptions) { d.SNIAllow = o.SNIAllow })
-	str(&o.Method, "method", "hash", "hash (nginx's hash $remote_addr consistent), round-robin or least-conn", func(d *agent.BalanceOptions) { d.Method = o.Method })
-	str(&o.HealthCheck, "health-check", "none", "active health check: none, tcp, tls or ping", func(d *agent.BalanceOptions) { d.HealthCheck = o.HealthCheck })
-	str(&o.HealthServerName, "health-server-name", "", "server name for tls and ping checks (SiteURL's host)", func(d *agent.BalanceOptions) { d.HealthServerName = o.HealthServerName })
-	str(&o.CAFile, "ca-file", "", "roots that verify the nodes' certificates in tls and ping checks (default: the system's)", func(d *agent.BalanceOptions) { d.CAFile = o.CAFile })
-	dur(&o.HealthInterval, "health-interval", 2*time.Second, "time between health checks (down after 3 failures, up after 2 successes)", func(d *agent.BalanceOptions) { d.HealthInterval = o.HealthInterval })
-	dur(&o.ConnectTimeout, "connect-timeout", 5*time.Second, "timeout of one connect to a node", func(d *agent.BalanceOptions) { d.ConnectTimeout = o.ConnectTimeout })
-	dur(&o.IdleTimeout, "idle-timeout", 10*time.Minute, "close a connection idle both ways this long", func(d *agent.BalanceOptions) { d.IdleTimeout = o.IdleTimeout })
-	dur(&o.DrainTimeout, "drain-timeout", 0, "how long a drained node's connections may live (0: until they end)", func(d *agent.BalanceOptions) { d.DrainTimeout = o.DrainTimeout })
-	str(&o.RedirectHTTP, "redirect-http", "", "also listen for plain HTTP here and redirect it to --site-url's host (301)", func(d *agent.BalanceOptions) { d.RedirectHTTP = o.RedirectHTTP })
-	str(&o.SiteURL, "site-url", "", "Mattermost's SiteURL (https://host), where --redirect-http sends clients", func(d *agent.BalanceOptions) { d.SiteURL = o.SiteURL })
-	str(&o.ACMEWebroot, "acme-webroot", "", "serve /.well-known/acme-challenge/ from this directory on --redirect-http (certbot --webroot)", func(d *agent.BalanceOptions) { d.ACMEWebroot = o.ACMEWebroot })
-	f.IntVar(&o.MaxConns, "max-conns", 0, "cap on concurrent connections (0: none)")
-	bf.set["max-conns"] = func(d *agent.BalanceOptions) { d.MaxConns = o.MaxConns }
-	f.BoolVar(&bf.sniPeek, "sni-peek", true, "read the ClientHello to log the server name and close non-TLS traffic")
-	bf.set["sni-peek"] = func(d *agent.BalanceOptions) { v := bf.sniPeek; d.SNIPeek = &v }
+	bf := &balanceFlags{}
+	f := cmd.Flags()
+	bf.bound = bindOptions(f, cmd.PersistentFlags(), &bf.o, balance.Defaults())
 	f.StringVar(&bf.config, "config", "", "the agent's config file; its [balance] section holds these settings, which flags override")
 	f.StringVar(&bf.metricsListen, "metrics-listen", "", "serve Prometheus metrics here, [host:]port (127.0.0.1 when no host)")
 	f.StringVar(&bf.print, "print", "", "print the equivalent nginx or haproxy configuration and exit")
-	cmd.PersistentFlags().StringVar(&o.ControlSocket, "control-socket", agent.DefaultControlSocket, "control socket for status, drain and undrain")
-	bf.set["control-socket"] = func(d *agent.BalanceOptions) { d.ControlSocket = o.ControlSocket }
 	return bf
 }
 
 // options loads the config file, if any, and lays the set flags over it.
-func (bf *balanceFlags) options(f *pflag.FlagSet) (agent.BalanceOptions, string, error) {
-	base := agent.BalanceOptions{}
+func (bf *balanceFlags) options(f *pflag.FlagSet) (balance.Options, string, error) {
+	var base balance.Options
 	metrics := bf.metricsListen
 	if bf.config != "" {
 		c, err := agent.LoadConfig(bf.config)
@@ -81,16 +51,10 @@ func (bf *balanceFlags) options(f *pflag.FlagSet) (agent.BalanceOptions, string,
 			metrics = c.Metrics.Listen
 		}
 	} else {
-		base = bf.o // every flag, defaults included
-		v := bf.sniPeek
-		base.SNIPeek = &v
+		bf.bound.values(&base) // every flag, defaults included
 	}
-	f.Visit(func(fl *pflag.Flag) {
-		if set, ok := bf.set[fl.Name]; ok {
-			set(&base)
-		}
-	})
-	return base, metrics, nil
+	bf.bound.over(&base)
+	return base.WithDefaults(), metrics, nil
 }
 
 func newBalanceCmd(a *app) *cobra.Command {
@@ -142,7 +106,7 @@ those engines instead of running.`,
 			case "":
 			case "nginx", "haproxy":
 				if len(o.Listen) == 0 {
-					o.Listen = []string{":443"}
+					o.Listen = []string{push.DefaultListen}
 				}
 				cfg, err := o.Config(a.log)
 				if err != nil {
@@ -168,9 +132,9 @@ those engines instead of running.`,
 	return cmd
 }
 
-func runBalance(ctx context.Context, a *app, bf *balanceFlags, f *pflag.FlagSet, o agent.BalanceOptions, metrics string) error {
+func runBalance(ctx context.Context, a *app, bf *balanceFlags, f *pflag.FlagSet, o balance.Options, metrics string) error {
 	m := agent.NewMetrics()
-	svc := &agent.BalanceService{Options: o, Logger: a.log, Metrics: m}
+	svc := &balance.Service{Options: o, Logger: a.log, Started: m.WatchBalancer}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	wait := onSIGHUP(ctx, a.log, func() error {

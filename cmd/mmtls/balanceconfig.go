@@ -4,15 +4,14 @@ import (
 	"fmt"
 	"io"
 	"strings"
-	"time"
 
-	"github.com/mmtls/mmtls/agent"
+	"github.com/mmtls/mmtls/agent/balance"
 	"github.com/mmtls/mmtls/agent/passthrough"
 )
 
 // writeNginx writes the nginx stream configuration equivalent to the
 // balancer's settings, for those who outgrow it.
-func writeNginx(w io.Writer, o agent.BalanceOptions, cfg passthrough.Config) error {
+func writeNginx(w io.Writer, o balance.Options, cfg passthrough.Config) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# Equivalent of: mmtls balance %s\n", strings.Join(balanceArgs(o), " "))
 	b.WriteString("# Needs the stream module (Debian: libnginx-mod-stream). Active health\n# checks are nginx Plus only; this keeps the passive ones.\nstream {\n    upstream mattermost {\n")
@@ -28,7 +27,7 @@ func writeNginx(w io.Writer, o agent.BalanceOptions, cfg passthrough.Config) err
 		if u.Weight > 1 {
 			weight = fmt.Sprintf(" weight=%d", u.Weight)
 		}
-		fmt.Fprintf(&b, "        server %s%s max_fails=1 fail_timeout=10s;\n", u.Addr, weight)
+		fmt.Fprintf(&b, "        server %s%s max_fails=%d fail_timeout=%s;\n", u.Addr, weight, passthrough.DefaultMaxFails, nginxDuration(passthrough.DefaultFailTimeout.Seconds()))
 	}
 	b.WriteString("    }\n    server {\n")
 	for _, l := range o.Listen {
@@ -37,7 +36,7 @@ func writeNginx(w io.Writer, o agent.BalanceOptions, cfg passthrough.Config) err
 	if !cfg.DisableSNIPeek {
 		b.WriteString("        ssl_preread on;\n")
 	}
-	fmt.Fprintf(&b, "        proxy_pass mattermost;\n        proxy_connect_timeout %s;\n        proxy_timeout %s;\n", nginxDuration(orDur(cfg.ConnectTimeout, 5*time.Second).Seconds()), nginxDuration(orDur(cfg.IdleTimeout, 10*time.Minute).Seconds()))
+	fmt.Fprintf(&b, "        proxy_pass mattermost;\n        proxy_connect_timeout %s;\n        proxy_timeout %s;\n", nginxDuration(cfg.ConnectTimeoutOrDefault().Seconds()), nginxDuration(cfg.IdleTimeoutOrDefault().Seconds()))
 	b.WriteString("        # proxy_next_upstream takes on|off in stream {} (on by default);\n        # the HTTP form \"error timeout\" fails nginx -t here, and so does ip_hash.\n        proxy_next_upstream on;\n")
 	b.WriteString("    }\n}\n")
 	_, err := io.WriteString(w, b.String())
@@ -52,12 +51,12 @@ func nginxDuration(sec float64) string {
 }
 
 // writeHAProxy writes the HAProxy mode tcp equivalent.
-func writeHAProxy(w io.Writer, o agent.BalanceOptions, cfg passthrough.Config) error {
+func writeHAProxy(w io.Writer, o balance.Options, cfg passthrough.Config) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# Equivalent of: mmtls balance %s\n", strings.Join(balanceArgs(o), " "))
 	b.WriteString("# HAProxy's consistent source hash is its own: clients map differently\n# than with nginx or mmtls.\n")
 	fmt.Fprintf(&b, "defaults\n    mode tcp\n    timeout connect %ds\n    timeout client %ds\n    timeout server %ds\n    retries 1\n    option redispatch\n\n",
-		int(orDur(cfg.ConnectTimeout, 5*time.Second).Seconds()), int(orDur(cfg.IdleTimeout, 10*time.Minute).Seconds()), int(orDur(cfg.IdleTimeout, 10*time.Minute).Seconds()))
+		int(cfg.ConnectTimeoutOrDefault().Seconds()), int(cfg.IdleTimeoutOrDefault().Seconds()), int(cfg.IdleTimeoutOrDefault().Seconds()))
 	b.WriteString("frontend mattermost\n")
 	for _, l := range o.Listen {
 		fmt.Fprintf(&b, "    bind %s\n", l)
@@ -85,7 +84,7 @@ func writeHAProxy(w io.Writer, o agent.BalanceOptions, cfg passthrough.Config) e
 		}
 	}
 	if check != "" {
-		fmt.Fprintf(&b, "    default-server inter %dms fall 3 rise 2\n", orDur(cfg.Health.Interval, 2*time.Second).Milliseconds())
+		fmt.Fprintf(&b, "    default-server inter %dms fall %d rise %d\n", cfg.Health.IntervalOrDefault().Milliseconds(), cfg.Health.FallOrDefault(), cfg.Health.RiseOrDefault())
 	}
 	for i, u := range cfg.Upstreams {
 		weight := ""
@@ -98,14 +97,7 @@ func writeHAProxy(w io.Writer, o agent.BalanceOptions, cfg passthrough.Config) e
 	return err
 }
 
-func orDur(d, def time.Duration) time.Duration {
-	if d == 0 {
-		return def
-	}
-	return d
-}
-
-func balanceArgs(o agent.BalanceOptions) []string {
+func balanceArgs(o balance.Options) []string {
 	var args []string
 	for _, l := range o.Listen {
 		args = append(args, "--listen", l)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 
 	"github.com/BurntSushi/toml"
@@ -39,13 +40,23 @@ key and line, and prints every setting with the defaults filled in.`,
 			if err != nil {
 				return usageError(err)
 			}
-			eff := c.Effective()
-			if asJSON {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(eff)
+			var buf bytes.Buffer
+			if err := toml.NewEncoder(&buf).Encode(c.Effective()); err != nil {
+				return err
 			}
-			return toml.NewEncoder(cmd.OutOrStdout()).Encode(eff)
+			if !asJSON {
+				_, err := cmd.OutOrStdout().Write(buf.Bytes())
+				return err
+			}
+			// The same keys and values as the file takes (durations as
+			// "5s"), not Go's field names.
+			var m map[string]any
+			if _, err := toml.Decode(buf.String(), &m); err != nil {
+				return err
+			}
+			enc := json.NewEncoder(cmd.OutOrStdout())
+			enc.SetIndent("", "  ")
+			return enc.Encode(m)
 		},
 	}
 	check.Flags().StringVar(&path, "config", agent.DefaultConfigFile, "the agent's config file")

@@ -7,9 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/mmtls/mmtls/agent/push"
 	"github.com/spf13/cobra"
-
-	"github.com/mmtls/mmtls/agent"
 )
 
 func runArgs(args ...string) (int, string, string) {
@@ -50,11 +49,11 @@ func TestExitCodes(t *testing.T) {
 	}{
 		{nil, exitOK},
 		{errors.New("disk on fire"), exitFailed},
-		{wrap(agent.ErrUsage), exitUsage},
-		{wrap(agent.ErrRefused), exitRefused},
-		{wrap(agent.ErrRolledBack), exitRolledBack},
-		{wrap(agent.ErrRollbackFailed), exitRollbackFailed},
-		{wrap(agent.ErrBusy), exitBusy},
+		{wrap(push.ErrUsage), exitUsage},
+		{wrap(push.ErrRefused), exitRefused},
+		{wrap(push.ErrRolledBack), exitRolledBack},
+		{wrap(push.ErrRollbackFailed), exitRollbackFailed},
+		{wrap(push.ErrBusy), exitBusy},
 	}
 	for _, tt := range tests {
 		if got := exitCode(tt.err); got != tt.want {

@@ -8,9 +8,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/mmtls/mmtls/agent/push"
 	"github.com/spf13/cobra"
-
-	"github.com/mmtls/mmtls/agent"
 )
 
 func newPushCmd(a *app) *cobra.Command {
@@ -70,13 +69,9 @@ not serve what is on disk (after --no-restart), it is restarted.
              --site-url https://chat.corp.example --no-restart`,
 		Args: usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			f := cmd.Flags()
-			if f.Changed("service") && f.Changed("restart-command") {
-				return usageError(fmt.Errorf("--service and --restart-command are mutually exclusive"))
-			}
-			o := pf.options(f)
+			o := pf.options()
 			o.NoRestart, o.DryRun = noRestart, dryRun
-			p := &agent.Pusher{Logger: a.log}
+			p := &push.Pusher{Logger: a.log}
 			res, err := p.Push(cmd.Context(), o)
 			if res != nil {
 				if asJSON {
@@ -100,17 +95,17 @@ not serve what is on disk (after --no-restart), it is restarted.
 	return cmd
 }
 
-func printPush(w io.Writer, res *agent.Result, now time.Time) error {
+func printPush(w io.Writer, res *push.Result, now time.Time) error {
 	tw := tabwriter.NewWriter(w, 2, 8, 2, ' ', 0)
-	head := map[agent.Status]string{
-		agent.StatusPlanned:    "plan (dry run, nothing changed)",
-		agent.StatusUnchanged:  "nothing to do: already in place",
-		agent.StatusChanged:    "installed",
-		agent.StatusRestarted:  "already in place; Mattermost restarted to serve it",
-		agent.StatusRolledBack: "FAILED and rolled back: the previous certificate and config are in force (see the error below)",
-		agent.StatusFailed:     "FAILED (see the error below)",
+	head := map[push.Status]string{
+		push.StatusPlanned:    "plan (dry run, nothing changed)",
+		push.StatusUnchanged:  "nothing to do: already in place",
+		push.StatusChanged:    "installed",
+		push.StatusRestarted:  "already in place; Mattermost restarted to serve it",
+		push.StatusRolledBack: "FAILED and rolled back: the previous certificate and config are in force (see the error below)",
+		push.StatusFailed:     "FAILED (see the error below)",
 	}[res.Status]
-	if res.Status == agent.StatusChanged && res.Verified {
+	if res.Status == push.StatusChanged && res.Verified {
 		head = "installed, Mattermost restarted and verified"
 	}
 	if res.Recovered != "" {

@@ -11,9 +11,9 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/mmtls/mmtls/agent/balance"
+	"github.com/mmtls/mmtls/agent/push"
 	"github.com/spf13/cobra"
-
-	"github.com/mmtls/mmtls/agent"
 )
 
 // Exit codes. They are part of mmtls's interface: scripts and the service
@@ -66,15 +66,15 @@ func exitCode(err error) int {
 	switch {
 	case err == nil:
 		return exitOK
-	case errors.Is(err, agent.ErrUsage):
+	case errors.Is(err, push.ErrUsage), errors.Is(err, balance.ErrInvalid):
 		return exitUsage
-	case errors.Is(err, agent.ErrRefused):
+	case errors.Is(err, push.ErrRefused):
 		return exitRefused
-	case errors.Is(err, agent.ErrRollbackFailed):
+	case errors.Is(err, push.ErrRollbackFailed):
 		return exitRollbackFailed
-	case errors.Is(err, agent.ErrRolledBack):
+	case errors.Is(err, push.ErrRolledBack):
 		return exitRolledBack
-	case errors.Is(err, agent.ErrBusy):
+	case errors.Is(err, push.ErrBusy):
 		return exitBusy
 	}
 	return exitFailed
@@ -85,7 +85,7 @@ type usageErr struct{ err error }
 
 func (e usageErr) Error() string        { return e.err.Error() + " (see --help)" }
 func (e usageErr) Unwrap() error        { return e.err }
-func (e usageErr) Is(target error) bool { return target == agent.ErrUsage }
+func (e usageErr) Is(target error) bool { return target == push.ErrUsage }
 
 // usageError marks err as a usage error: exit code 2.
 func usageError(err error) error { return usageErr{err} }

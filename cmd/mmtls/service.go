@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/mmtls/mmtls/agent"
+	"github.com/mmtls/mmtls/agent/push"
 	"github.com/mmtls/mmtls/packaging"
 )
 
@@ -104,7 +105,7 @@ installed but not running (a container, an image being built), pass
 // renderUnit renders the systemd unit for binary and config, writable for
 // the Mattermost directory the config names (default /opt/mattermost).
 func renderUnit(binary, config string) (string, error) {
-	mmDir := agent.DefaultMattermostDir
+	mmDir := push.DefaultMattermostDir
 	if c, err := agent.LoadConfig(config); err == nil && c.Push.MattermostDir != "" {
 		mmDir = c.Push.MattermostDir
 	}

@@ -29,58 +29,45 @@ func addAgentFlags(f *pflag.FlagSet, configDefault string) *agentFlags {
 	return af
 }
 
-// build loads the config file (if any) and lays the flags over it.
-func (af *agentFlags) build(f *pflag.FlagSet, a *app) (*agent.Agent, error) {
+// settings loads the config file (if any) and lays the flags over it: the
+// agent's loader, called at start and at every SIGHUP.
+func (af *agentFlags) settings(f *pflag.FlagSet) (agent.Settings, error) {
 	cfg := &agent.Config{}
 	if af.config != "" {
 		c, err := agent.LoadConfig(af.config)
 		if err != nil {
-			return nil, usageError(err)
+			return agent.Settings{}, usageError(err)
 		}
 		cfg = c
 	}
-	ag := agent.NewAgent(a.log)
-	ag.Watch = cfg.WatchOptions()
-	ag.Watch.Push = af.push.over(f, ag.Watch.Push)
+	s := agent.Settings{Watch: cfg.WatchOptions(), Cluster: cfg.Cluster, MetricsListen: cfg.Metrics.Listen}
+	s.Watch.Push = af.push.over(s.Watch.Push)
 	if cfg.Balance.Enabled() {
-		ag.Balance = &agent.BalanceService{Options: cfg.Balance, Logger: a.log}
+		b := cfg.Balance
+		s.Balance = &b
 	}
 	// A balancer-only host: the file has [balance] and no source.
-	ag.NoWatch = ag.Balance != nil && ag.Watch.Push.CertFile == "" && ag.Watch.Push.KeyFile == ""
-	if !ag.NoWatch {
-		if err := ag.Watch.Push.Validate(); err != nil {
-			return nil, err
+	s.NoWatch = s.Balance != nil && s.Watch.Push.CertFile == "" && s.Watch.Push.KeyFile == ""
+	if !s.NoWatch {
+		if err := s.Watch.Push.Validate(); err != nil {
+			return agent.Settings{}, err
 		}
 	}
-	ag.ClusterMode, ag.ClusterDSN = cfg.Cluster.Mode, cfg.Cluster.DSN
-	ag.LockWait, ag.Splay = cfg.Cluster.LockWait.Duration, cfg.Cluster.Splay.Duration
 	if f.Changed("cluster-mode") {
-		ag.ClusterMode = af.clusterMode
+		s.Cluster.Mode = af.clusterMode
 	}
-	ag.MetricsListen = cfg.Metrics.Listen
 	if f.Changed("metrics-listen") {
-		ag.MetricsListen = af.metricsListen
+		s.MetricsListen = af.metricsListen
 	}
-	if _, err := agent.MetricsAddr(ag.MetricsListen); err != nil {
-		return nil, usageError(err)
+	if _, err := agent.MetricsAddr(s.MetricsListen); err != nil {
+		return agent.Settings{}, usageError(err)
 	}
-	return ag, nil
+	return s, nil
 }
 
-// reload re-reads the config file and hands the running agent the new
-// settings (SIGHUP).
-func (af *agentFlags) reload(f *pflag.FlagSet, a *app, ag *agent.Agent) error {
-	fresh, err := af.build(f, a)
-	if err != nil {
-		return err
-	}
-	if !ag.NoWatch {
-		ag.Reload(fresh.Watch)
-	}
-	if ag.Balance != nil && fresh.Balance != nil {
-		return ag.Balance.Reload(fresh.Balance.Options)
-	}
-	return nil
+// newAgent returns the agent that af's flags and config file describe.
+func (af *agentFlags) newAgent(f *pflag.FlagSet, a *app) *agent.Agent {
+	return agent.NewAgent(agent.AgentConfig{Logger: a.log, Load: func() (agent.Settings, error) { return af.settings(f) }})
 }
 
 func newWatchCmd(a *app) *cobra.Command {
@@ -107,14 +94,14 @@ The service runs the same loop: see "mmtls run" and "mmtls service".`,
   mmtls watch --config /etc/mmtls/mmtls.toml --metrics-listen 9469`,
 		Args: usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ag, err := af.build(cmd.Flags(), a)
-			if err != nil {
-				return err
+			if _, err := af.settings(cmd.Flags()); err != nil {
+				return err // before anything starts
 			}
+			ag := af.newAgent(cmd.Flags(), a)
 			ctx, cancel := context.WithCancel(cmd.Context())
 			defer cancel()
 			if af.config != "" {
-				wait := onSIGHUP(ctx, a.log, func() error { return af.reload(cmd.Flags(), a, ag) })
+				wait := onSIGHUP(ctx, a.log, ag.Reload)
 				defer wait()
 				defer cancel() // runs first
 			}
@@ -138,14 +125,14 @@ back; SIGHUP re-reads the config file.`,
 		Example: `  mmtls run --config /etc/mmtls/mmtls.toml`,
 		Args:    usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ag, err := af.build(cmd.Flags(), a)
-			if err != nil {
-				return err
+			if _, err := af.settings(cmd.Flags()); err != nil {
+				return err // before anything starts
 			}
+			ag := af.newAgent(cmd.Flags(), a)
 			ctx := cmd.Context()
 			prog := &agent.Program{Run: func(ctx context.Context) error {
 				rctx, cancel := context.WithCancel(ctx)
-				wait := onSIGHUP(rctx, a.log, func() error { return af.reload(cmd.Flags(), a, ag) })
+				wait := onSIGHUP(rctx, a.log, ag.Reload)
 				defer wait()
 				defer cancel() // runs first
 				return ag.Run(rctx)

@@ -1,10 +1,8 @@
-package agent
+package push
 
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -12,6 +10,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/mmtls/mmtls/agent/clock"
 	"github.com/mmtls/mmtls/certs"
 	"github.com/mmtls/mmtls/mmconfig"
 )
@@ -26,8 +25,10 @@ const maxConfigSize = 16 << 20
 type Pusher struct {
 	// Logger receives progress and warnings. Nil discards.
 	Logger *slog.Logger
-	// Now is the clock certificates are validated against. Nil means time.Now.
-	Now func() time.Time
+	// Clock is what certificates are validated against and what names
+	// backups and journals. Nil means the system clock. Timings are real
+	// elapsed time whatever the clock.
+	Clock clock.Clock
 	// UnitDirs is where the Mattermost service's unit is looked up (and
 	// the bind drop-in written, in the first). Nil means systemd's own
 	// directories.
@@ -59,11 +60,17 @@ func (p *Pusher) log() *slog.Logger {
 	return p.Logger
 }
 
-func (p *Pusher) now() time.Time {
-	if p.Now == nil {
-		return time.Now()
-	}
-	return p.Now()
+func (p *Pusher) now() time.Time { return clock.Or(p.Clock).Now() }
+
+// RestartLock keeps the nodes of a cluster from restarting Mattermost at
+// the same time: a renewal that lands on every node at once must not take
+// them all down together.
+type RestartLock interface {
+	// Acquire blocks until this node may restart Mattermost. The returned
+	// release must be called once the restart and its verification (or
+	// rollback) are over. An error means the caller must not restart.
+	Acquire(ctx context.Context) (release func(), err error)
+	String() string
 }
 
 // Status is the overall outcome of a push that did not fail.
@@ -147,7 +154,7 @@ type ConfigResult struct {
 // rolled back returns ErrRolledBack, one whose rollback failed
 // ErrRollbackFailed. The Result is returned whenever planning succeeded,
 // with the error if any.
-func (p *Pusher) Push(ctx context.Context, o PushOptions) (*Result, error) {
+func (p *Pusher) Push(ctx context.Context, o Options) (*Result, error) {
 	start := time.Now()
 	if err := o.Validate(); err != nil {
 		return nil, err
@@ -164,11 +171,11 @@ func (p *Pusher) Push(ctx context.Context, o PushOptions) (*Result, error) {
 			return nil, err
 		}
 		defer lock.release()
-		if recovered, err = p.recover(ctx, o); err != nil {
+		if recovered, err = p.recoverInterrupted(ctx, o); err != nil {
 			return nil, err
 		}
 	}
-	pl, err := p.plan(ctx, o)
+	pl, err := p.prepare(ctx, o)
 	if err != nil {
 		return nil, err
 	}
@@ -235,13 +242,13 @@ func (p *Pusher) noop(ctx context.Context, pl *plan) error {
 // step after the install fails.
 func (p *Pusher) apply(ctx context.Context, pl *plan) error {
 	o, res, log := pl.o, pl.res, p.log()
-	backupDir, err := newBackupDir(o.StateDir, time.Now())
+	backupDir, err := newBackupDir(o.StateDir, p.now())
 	if err != nil {
 		return err
 	}
 	res.BackupDir = backupDir
 	j := &journal{
-		Version: 1, PID: os.Getpid(), Started: time.Now().UTC(), Options: o,
+		Version: journalVersion, PID: os.Getpid(), Started: p.now().UTC(), Options: o,
 		DestDir: o.DestDir, BackupDir: backupDir, Files: pl.install.Files,
 		ConfigPath: pl.loc.Path, ConfigAttrs: pl.cfgState.FileAttrs,
 		New: pl.newExp, Old: pl.oldExp, dir: o.StateDir,
@@ -319,7 +326,7 @@ func (p *Pusher) apply(ctx context.Context, pl *plan) error {
 }
 
 // restartAndVerify restarts Mattermost and waits until it serves exp.
-func (p *Pusher) restartAndVerify(ctx context.Context, o PushOptions, exp Expectation, res *Result) error {
+func (p *Pusher) restartAndVerify(ctx context.Context, o Options, exp Expectation, res *Result) error {
 	mgr := p.manager(o)
 	t := time.Now()
 	p.log().Info("restarting mattermost", "with", mgr.String())
@@ -341,7 +348,7 @@ func (p *Pusher) restartAndVerify(ctx context.Context, o PushOptions, exp Expect
 	return nil
 }
 
-func (p *Pusher) manager(o PushOptions) ServiceManager {
+func (p *Pusher) manager(o Options) ServiceManager {
 	switch {
 	case p.Restarter != nil:
 		return p.Restarter
@@ -351,11 +358,17 @@ func (p *Pusher) manager(o PushOptions) ServiceManager {
 	return &Systemd{Unit: o.Service, Timeout: o.RestartTimeout, Logger: p.Logger}
 }
 
-func (p *Pusher) verifier(o PushOptions) *Verifier {
-	return &Verifier{Timeout: o.VerifyTimeout, Logger: p.Logger, Now: p.Now}
+func (p *Pusher) verifier(o Options) *Verifier {
+	return &Verifier{Timeout: o.VerifyTimeout, Logger: p.Logger, Clock: p.Clock}
 }
 
 var errConfigChanged = errors.New("config changed while being edited")
+
+// maxConfigRetries bounds how often the edit is applied again when
+// config.json changes under it. An admin saving in the System Console
+// changes it once; a file that changes five times in a row within
+// milliseconds is being rewritten in a loop, and the push gives up.
+const maxConfigRetries = 5
 
 // writeConfig applies the edit to config.json, keeping its owner, mode and
 // extended attributes. If the file changes between read and rename (a
@@ -400,7 +413,7 @@ func (p *Pusher) writeConfig(pl *plan, backupDir string) ([]mmconfig.Change, err
 			}
 			return nil
 		})
-		if errors.Is(err, errConfigChanged) && attempt < 5 {
+		if errors.Is(err, errConfigChanged) && attempt < maxConfigRetries {
 			p.log().Info("mattermost config changed while being edited; applying the edit again", "path", path)
 			continue
 		}
@@ -409,9 +422,4 @@ func (p *Pusher) writeConfig(pl *plan, backupDir string) ([]mmconfig.Change, err
 		}
 		return changes, nil
 	}
-}
-
-func sha256Hex(b []byte) string {
-	sum := sha256.Sum256(b)
-	return hex.EncodeToString(sum[:])
 }

@@ -1,25 +1,21 @@
-package agent
+package push
 
 import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"net"
-	"net/http"
-	"strings"
 	"time"
 
+	"github.com/mmtls/mmtls/agent/clock"
+	"github.com/mmtls/mmtls/agent/passthrough"
 	"github.com/mmtls/mmtls/certs"
 )
 
 // Verification defaults.
 const (
-	DefaultVerifyTimeout = 3 * time.Minute
 	// verifyStepTimeout bounds each dial, handshake and ping.
 	verifyStepTimeout = 5 * time.Second
 	// verifyInterval is the pause between attempts.
@@ -67,8 +63,9 @@ type Verifier struct {
 	Timeout time.Duration
 	// Logger receives progress. Nil discards.
 	Logger *slog.Logger
-	// Now is the clock chains are verified at. Nil means time.Now.
-	Now func() time.Time
+	// Clock is what chains are verified at. Nil means the system clock.
+	// The retries and Timeout are real time.
+	Clock clock.Clock
 }
 
 // Wait retries Check until it succeeds or Timeout passes, and returns the
@@ -112,8 +109,8 @@ func (v *Verifier) Check(ctx context.Context, exp Expectation) error {
 		var roots *x509.CertPool
 		if exp.CAFile != "" && !exp.SkipChainCheck {
 			var err error
-			if roots, err = loadRoots(exp.CAFile); err != nil {
-				return err
+			if roots, err = certs.LoadRoots(exp.CAFile); err != nil {
+				return fmt.Errorf("--ca-file: %w", err)
 			}
 		}
 		tc = &tls.Config{
@@ -150,11 +147,7 @@ func (v *Verifier) verifyPeer(cs tls.ConnectionState, exp Expectation, roots *x5
 	for _, c := range cs.PeerCertificates[1:] {
 		inter.AddCert(c)
 	}
-	now := time.Now
-	if v.Now != nil {
-		now = v.Now
-	}
-	opts := x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now()}
+	opts := x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: clock.Or(v.Clock).Now()}
 	if !exp.SkipHostCheck {
 		opts.DNSName = exp.ServerName
 	}
@@ -175,47 +168,10 @@ func handshake(ctx context.Context, addr string, c *tls.Config) error {
 	return conn.Close()
 }
 
-// ping asks Mattermost's health endpoint, connecting to exp.Addr whatever
-// the URL's host, so SiteURL's name need not resolve here.
+// ping asks Mattermost's health endpoint at exp.Addr: over TLS with tc
+// and SiteURL's host, or plain HTTP when tc is nil.
 func ping(ctx context.Context, exp Expectation, tc *tls.Config) error {
 	ctx, cancel := context.WithTimeout(ctx, verifyStepTimeout)
 	defer cancel()
-	dialer := &net.Dialer{}
-	tr := &http.Transport{
-		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			return dialer.DialContext(ctx, network, exp.Addr)
-		},
-		TLSClientConfig:   tc,
-		DisableKeepAlives: true,
-		Proxy:             nil,
-	}
-	defer tr.CloseIdleConnections()
-	scheme, host := "http", exp.Addr
-	if exp.TLS {
-		scheme, host = "https", exp.ServerName
-	}
-	url := scheme + "://" + host + exp.PingPath
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return fmt.Errorf("ping: %w", err)
-	}
-	resp, err := (&http.Client{Transport: tr}).Do(req)
-	if err != nil {
-		return fmt.Errorf("ping %s via %s: %w", url, exp.Addr, err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	if err != nil {
-		return fmt.Errorf("ping %s: read: %w", url, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("ping %s: HTTP %d: %s", url, resp.StatusCode, strings.TrimSpace(string(body)))
-	}
-	var st struct {
-		Status string `json:"status"`
-	}
-	if err := json.Unmarshal(body, &st); err != nil || st.Status != "OK" {
-		return fmt.Errorf("ping %s: status %q, want \"OK\" (body %.200s)", url, st.Status, body)
-	}
-	return nil
+	return passthrough.Ping(ctx, exp.Addr, tc, exp.ServerName, exp.PingPath)
 }

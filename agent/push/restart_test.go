@@ -1,4 +1,4 @@
-package agent
+package push
 
 import (
 	"context"
@@ -23,7 +23,7 @@ func TestShellCommand(t *testing.T) {
 // A command that hangs is stopped at its timeout, its children too.
 func TestShellCommandTimeout(t *testing.T) {
 	marker := t.TempDir() + "/child"
-	cmd := &ShellCommand{Line: "(sleep 60; touch " + marker + ") & echo started; sleep 60", Timeout: 300 * time.Millisecond}
+	cmd := &ShellCommand{Line: "(sleep 60; touch " + marker + ") & echo started; sleep 60", Timeout: 300 * time.Millisecond, WaitDelay: 50 * time.Millisecond}
 	start := time.Now()
 	err := cmd.Restart(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "timed out after 300ms; output: started") {
@@ -37,7 +37,7 @@ func TestShellCommandTimeout(t *testing.T) {
 // A command that starts a daemon which keeps the output pipe open still
 // returns once the command itself has exited.
 func TestShellCommandBackgroundChild(t *testing.T) {
-	err := (&ShellCommand{Line: "sleep 30 & echo ok", Timeout: time.Minute}).Restart(context.Background())
+	err := (&ShellCommand{Line: "sleep 30 & echo ok", Timeout: time.Minute, WaitDelay: 50 * time.Millisecond}).Restart(context.Background())
 	if err != nil {
 		t.Errorf("command with a background child: %v", err)
 	}

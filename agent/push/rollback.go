@@ -1,4 +1,4 @@
-package agent
+package push
 
 import (
 	"context"
@@ -11,6 +11,11 @@ import (
 	"github.com/mmtls/mmtls/certs"
 )
 
+// rollbackSlack is the rollback's time beyond a restart and a
+// verification: restoring files and config and writing the journal, which
+// take milliseconds unless the disk is failing.
+const rollbackSlack = time.Minute
+
 // rollback puts back the previous pair and config recorded in j and, if
 // restart, restarts Mattermost and verifies the previous state. It returns
 // an error wrapping ErrRolledBack (with cause) or ErrRollbackFailed (saying
@@ -22,7 +27,7 @@ func (p *Pusher) rollback(ctx context.Context, j *journal, cause error, restart 
 	// The rollback must run to the end even if the push's context was
 	// cancelled (SIGTERM mid-push): give it its own deadline.
 	o := j.Options
-	budget := o.RestartTimeout + o.VerifyTimeout + time.Minute
+	budget := o.RestartTimeout + o.VerifyTimeout + rollbackSlack
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), budget)
 	defer cancel()
 
@@ -92,13 +97,13 @@ func restoreConfig(j *journal) error {
 	return nil
 }
 
-// recover finishes or rolls back a push that an earlier run left half-way,
+// recoverInterrupted finishes or rolls back a push that an earlier run left half-way,
 // as its journal says, and returns what it did ("" if there was nothing).
 // Files were only partly replaced, or the config not yet written: roll
 // back. Files and config were in place: restart and verify, and roll back
 // if that fails. Mattermost is restarted and verified the way the current
 // run o says (its restart command may have been what hung).
-func (p *Pusher) recover(ctx context.Context, cur PushOptions) (string, error) {
+func (p *Pusher) recoverInterrupted(ctx context.Context, cur Options) (string, error) {
 	j, err := loadJournal(cur.StateDir)
 	if err != nil || j == nil {
 		return "", err

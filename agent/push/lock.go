@@ -1,4 +1,4 @@
-package agent
+package push
 
 import (
 	"context"
@@ -81,7 +81,7 @@ func (l *fileLock) release() error {
 // user must not be able to touch it.
 func stateDir(dir string) error {
 	if !filepath.IsAbs(dir) {
-		return usage(fmt.Errorf("--state-dir %q: must be an absolute path", dir))
+		return usageErr(fmt.Errorf("--state-dir %q: must be an absolute path", dir))
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("create state directory: %w", err)

@@ -1,4 +1,4 @@
-package agent
+package push
 
 import (
 	"encoding/json"
@@ -14,6 +14,10 @@ import (
 
 const journalName = "journal.json"
 
+// journalVersion is the journal's format; a run refuses a journal of
+// another version rather than guess what it means.
+const journalVersion = 1
+
 // step is how far a push got. The journal is rewritten (atomically, synced)
 // before each step starts, so a push killed at any instant leaves a record
 // of what may be half done.
@@ -28,11 +32,11 @@ const (
 
 // journal records a push in progress in the state directory.
 type journal struct {
-	Version int         `json:"version"`
-	PID     int         `json:"pid"`
-	Started time.Time   `json:"started"`
-	Step    step        `json:"step"`
-	Options PushOptions `json:"options"`
+	Version int       `json:"version"`
+	PID     int       `json:"pid"`
+	Started time.Time `json:"started"`
+	Step    step      `json:"step"`
+	Options Options   `json:"options"`
 
 	DestDir   string             `json:"dest_dir"`
 	BackupDir string             `json:"backup_dir"`

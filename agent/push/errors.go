@@ -1,4 +1,4 @@
-package agent
+package push
 
 import "errors"
 
@@ -31,5 +31,5 @@ func (o *outcome) Error() string        { return o.err.Error() }
 func (o *outcome) Unwrap() error        { return o.err }
 func (o *outcome) Is(target error) bool { return target == o.kind }
 
-func refused(err error) error { return &outcome{kind: ErrRefused, err: err} }
-func usage(err error) error   { return &outcome{kind: ErrUsage, err: err} }
+func refused(err error) error  { return &outcome{kind: ErrRefused, err: err} }
+func usageErr(err error) error { return &outcome{kind: ErrUsage, err: err} }

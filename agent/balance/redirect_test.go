@@ -1,4 +1,4 @@
-package agent
+package balance
 
 import (
 	"net/http"

@@ -1,4 +1,4 @@
-package agent
+package push
 
 import (
 	"bufio"
@@ -35,7 +35,7 @@ const capNetBindService = 10
 // bindPrivilege makes sure Mattermost, running as uid, may listen on the
 // port of listen. It returns a note on what it did ("" for nothing) and
 // warnings.
-func (p *Pusher) bindPrivilege(ctx context.Context, o PushOptions, listen string, uid int, unitFile string) (string, []string, error) {
+func (p *Pusher) bindPrivilege(ctx context.Context, o Options, listen string, uid int, unitFile string) (string, []string, error) {
 	ps, err := mmconfig.ListenPort(listen)
 	if err != nil {
 		return "", nil, nil // Check already refused a bad ListenAddress

@@ -1,4 +1,4 @@
-package agent
+package push
 
 import (
 	"bytes"
@@ -11,9 +11,6 @@ import (
 	"syscall"
 	"time"
 )
-
-// DefaultRestartTimeout bounds one restart of Mattermost.
-const DefaultRestartTimeout = 2 * time.Minute
 
 // ServiceManager restarts Mattermost. Implementations must return only
 // once the restart command has finished (not once Mattermost is ready:
@@ -38,25 +35,29 @@ func (s *Systemd) String() string { return "systemctl restart " + s.Unit }
 // further starts), then `systemctl restart`.
 func (s *Systemd) Restart(ctx context.Context) error {
 	timeout := orDefault(s.Timeout, DefaultRestartTimeout)
-	out, err := runCommand(ctx, timeout, "systemctl", "show", "--property=ActiveState,Result", "--", s.Unit)
+	out, err := runCommand(ctx, timeout, DefaultWaitDelay, "systemctl", "show", "--property=ActiveState,Result", "--", s.Unit)
 	if err != nil {
 		return fmt.Errorf("systemctl show %s: %w", s.Unit, err)
 	}
 	if strings.Contains(out, "ActiveState=failed") || strings.Contains(out, "Result=start-limit-hit") {
 		logger(s.Logger).Info("clearing the unit's failed state before restarting", "unit", s.Unit, "state", strings.Fields(out))
-		if _, err := runCommand(ctx, timeout, "systemctl", "reset-failed", "--", s.Unit); err != nil {
+		if _, err := runCommand(ctx, timeout, DefaultWaitDelay, "systemctl", "reset-failed", "--", s.Unit); err != nil {
 			return fmt.Errorf("systemctl reset-failed %s: %w", s.Unit, err)
 		}
 	}
-	if _, err := runCommand(ctx, timeout, "systemctl", "restart", "--", s.Unit); err != nil {
+	if _, err := runCommand(ctx, timeout, DefaultWaitDelay, "systemctl", "restart", "--", s.Unit); err != nil {
 		return fmt.Errorf("systemctl restart %s: %w", s.Unit, err)
 	}
 	return nil
 }
 
+// daemonReloadTimeout bounds systemctl daemon-reload, which re-reads every
+// unit: seconds on a busy host, never minutes.
+const daemonReloadTimeout = 30 * time.Second
+
 // SystemctlDaemonReload makes systemd re-read unit files and drop-ins.
 func SystemctlDaemonReload(ctx context.Context) error {
-	if _, err := runCommand(ctx, 30*time.Second, "systemctl", "daemon-reload"); err != nil {
+	if _, err := runCommand(ctx, daemonReloadTimeout, DefaultWaitDelay, "systemctl", "daemon-reload"); err != nil {
 		return fmt.Errorf("systemctl daemon-reload: %w", err)
 	}
 	return nil
@@ -65,19 +66,26 @@ func SystemctlDaemonReload(ctx context.Context) error {
 // ShellCommand restarts Mattermost with an administrator's command line,
 // run by /bin/sh -c as certbot and acme.sh run their hooks.
 type ShellCommand struct {
-	Line    string
-	Timeout time.Duration // 0 means DefaultRestartTimeout
+	Line      string
+	Timeout   time.Duration // 0 means DefaultRestartTimeout
+	WaitDelay time.Duration // 0 means DefaultWaitDelay
 }
 
 func (c *ShellCommand) String() string { return c.Line }
 
 // Restart runs the command and waits for it.
 func (c *ShellCommand) Restart(ctx context.Context) error {
-	if _, err := runCommand(ctx, orDefault(c.Timeout, DefaultRestartTimeout), "/bin/sh", "-c", c.Line); err != nil {
+	if _, err := runCommand(ctx, orDefault(c.Timeout, DefaultRestartTimeout), orDefault(c.WaitDelay, DefaultWaitDelay), "/bin/sh", "-c", c.Line); err != nil {
 		return fmt.Errorf("restart command %q: %w", c.Line, err)
 	}
 	return nil
 }
+
+// DefaultWaitDelay is how long a command's output is still read after it
+// was cancelled, or after it exited while a child it left behind (systemctl's
+// agents, a daemon started by a restart script) still holds the pipe.
+// Long enough for a SIGTERMed group to print why it stopped.
+const DefaultWaitDelay = 5 * time.Second
 
 // maxOutput is how much of a command's output is kept for its error.
 const maxOutput = 4 << 10
@@ -85,7 +93,7 @@ const maxOutput = 4 << 10
 // runCommand runs name with args in its own process group, with a timeout,
 // and returns its combined output. On timeout the whole group gets SIGTERM,
 // then SIGKILL. A failure's error carries the tail of the output.
-func runCommand(ctx context.Context, timeout time.Duration, name string, args ...string) (string, error) {
+func runCommand(ctx context.Context, timeout, waitDelay time.Duration, name string, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, name, args...)
@@ -93,9 +101,7 @@ func runCommand(ctx context.Context, timeout time.Duration, name string, args ..
 	cmd.Stdout, cmd.Stderr = &out, &out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM) }
-	// After the cancel, or once the command exits while a child it left
-	// behind still holds the output pipe, stop waiting after this long.
-	cmd.WaitDelay = 5 * time.Second
+	cmd.WaitDelay = waitDelay
 	err := cmd.Run()
 	if cmd.Process != nil && ctx.Err() != nil {
 		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)

@@ -1,4 +1,4 @@
-package agent
+package push
 
 import (
 	"context"
@@ -16,20 +16,10 @@ import (
 	"github.com/mmtls/mmtls/test/fixture"
 )
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("needs root; CI runs as root")
-		}
-		t.Skip("needs root")
-	}
-}
-
 // tree makes a throwaway install owned by uid 4242 (no such user needed).
 func tree(t *testing.T) (*fixture.Tree, *fixture.Pair) {
 	t.Helper()
-	requireRoot(t)
+	fixture.RequireRoot(t)
 	tr, err := fixture.NewTree(t.TempDir(), "4242", 4242, 4242, "127.0.0.1:8065", "https://"+fixture.SiteHost)
 	if err != nil {
 		t.Fatal(err)
@@ -41,8 +31,8 @@ func tree(t *testing.T) (*fixture.Tree, *fixture.Pair) {
 	return tr, p
 }
 
-func opts(tr *fixture.Tree, p *fixture.Pair) PushOptions {
-	return PushOptions{CertFile: p.CertFile, KeyFile: p.KeyFile, MattermostDir: tr.MattermostDir,
+func opts(tr *fixture.Tree, p *fixture.Pair) Options {
+	return Options{CertFile: p.CertFile, KeyFile: p.KeyFile, MattermostDir: tr.MattermostDir,
 		StateDir: tr.StateDir, CAFile: p.RootFile, Owner: "4242", NoRestart: true, LockTimeout: time.Second}
 }
 
@@ -153,7 +143,7 @@ func TestPushResultJSON(t *testing.T) {
 }
 
 func TestSetBindCapability(t *testing.T) {
-	requireRoot(t)
+	fixture.RequireRoot(t)
 	bin := filepath.Join(t.TempDir(), "mattermost")
 	os.WriteFile(bin, []byte("#!/bin/sh\n"), 0o755)
 	changed, err := setBindCapability(bin)
@@ -192,7 +182,7 @@ func TestUnitGrants(t *testing.T) {
 
 // Backups are kept for the last keepBackups pushes, the newest included.
 func TestBackupRetention(t *testing.T) {
-	requireRoot(t)
+	fixture.RequireRoot(t)
 	state := t.TempDir()
 	var last string
 	for range keepBackups + 3 {

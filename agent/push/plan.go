@@ -1,8 +1,7 @@
-package agent
+package push
 
 import (
 	"context"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -20,7 +19,7 @@ import (
 
 // plan is everything a push decided before touching anything.
 type plan struct {
-	o        PushOptions
+	o        Options
 	pair     *certs.Pair
 	loc      mmconfig.Location
 	cfgDoc   []byte
@@ -35,8 +34,8 @@ type plan struct {
 	oldExp   Expectation // what it served before (per the config on disk)
 }
 
-// plan reads and checks everything, and writes nothing.
-func (p *Pusher) plan(ctx context.Context, o PushOptions) (*plan, error) {
+// prepare reads and checks everything, and writes nothing.
+func (p *Pusher) prepare(ctx context.Context, o Options) (*plan, error) {
 	pl := &plan{o: o, res: &Result{}}
 	res := pl.res
 
@@ -76,9 +75,9 @@ func (p *Pusher) plan(ctx context.Context, o PushOptions) (*plan, error) {
 	res.Certificate = certInfo(pair)
 	pol := certs.Policy{Now: p.now(), Hosts: []string{host}, AllowHostMismatch: o.AllowHostMismatch}
 	if o.CAFile != "" {
-		pol.Roots, err = loadRoots(o.CAFile)
+		pol.Roots, err = certs.LoadRoots(o.CAFile)
 		if err != nil {
-			return nil, usage(err)
+			return nil, usageErr(fmt.Errorf("--ca-file: %w", err))
 		}
 		pol.RootsName = fmt.Sprintf("the roots in --ca-file %q", o.CAFile)
 	}
@@ -201,7 +200,7 @@ func currentLeaf(path string) string {
 		return ""
 	}
 	defer d.Close()
-	data, _, err := d.ReadFile(filepath.Base(path), 1<<20)
+	data, _, err := d.ReadFile(filepath.Base(path), certs.MaxFileSize)
 	if err != nil {
 		return ""
 	}
@@ -291,8 +290,14 @@ func validationHint(err error) string {
 	return ""
 }
 
-// readConfig reads config.json without following a link planted in its
-// directory, which the mattermost user can write.
+// ReadMattermostConfig reads Mattermost's config.json as a push does:
+// without following a link planted in its directory, which the mattermost
+// user can write, and bounded in size.
+func ReadMattermostConfig(path string) ([]byte, error) {
+	doc, _, err := readConfig(path)
+	return doc, err
+}
+
 func readConfig(path string) ([]byte, *certs.FileState, error) {
 	d, err := certs.OpenDir(filepath.Dir(path))
 	if err != nil {
@@ -376,18 +381,6 @@ func groupName(group string, gid int) string {
 		return g.Name
 	}
 	return strconv.Itoa(gid)
-}
-
-func loadRoots(path string) (*x509.CertPool, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("--ca-file: %w", err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(data) {
-		return nil, fmt.Errorf("--ca-file %q holds no PEM certificate", path)
-	}
-	return pool, nil
 }
 
 func certInfo(p *certs.Pair) CertInfo {

@@ -1,4 +1,4 @@
-package agent
+package balance
 
 import (
 	"context"
@@ -48,11 +48,11 @@ func RedirectHandler(siteURL, webroot string) (http.Handler, error) {
 func serveRedirect(ctx context.Context, addr, siteURL, webroot string, log *slog.Logger) (func(), error) {
 	h, err := RedirectHandler(siteURL, webroot)
 	if err != nil {
-		return nil, usage(err)
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 	if webroot != "" {
 		if fi, err := os.Stat(webroot); err != nil || !fi.IsDir() {
-			return nil, usage(fmt.Errorf("--acme-webroot %q: not a directory", webroot))
+			return nil, fmt.Errorf("%w: --acme-webroot %q: not a directory", ErrInvalid, webroot)
 		}
 	}
 	ln, err := net.Listen("tcp", addr)
