@@ -205,19 +205,23 @@ func (a *Agent) Reload() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	old := a.settings
+	var changed []string
 	if a.watcher != nil && !s.NoWatch && !reflect.DeepEqual(old.Watch, s.Watch) {
 		a.watcher.Reload(s.Watch)
 		old.Watch = s.Watch
+		changed = append(changed, "watch")
 	}
 	if a.balancer != nil && s.Balance != nil && !reflect.DeepEqual(*old.Balance, *s.Balance) {
 		if err := a.balancer.Reload(*s.Balance); err != nil {
 			return err
 		}
 		old.Balance = s.Balance
+		changed = append(changed, "balance")
 	}
 	if old.Cluster != s.Cluster || old.MetricsListen != s.MetricsListen || old.NoWatch != s.NoWatch || (old.Balance == nil) != (s.Balance == nil) {
 		a.log.Warn("some changed settings take effect at the next start: [cluster], [metrics], or adding or removing [source] or [balance]")
 	}
+	a.log.Info("configuration reloaded", "changed", changed)
 	a.settings = old
 	return nil
 }

@@ -214,7 +214,7 @@ func (w *Watcher) Run(ctx context.Context, o WatchOptions) error {
 			reconcile.Stop()
 			reconcile = newTicker(l.clock, l.o.Reconcile)
 			l.rearm()
-			l.log.Info("configuration reloaded", "cert", l.o.Push.CertFile, "key", l.o.Push.KeyFile)
+			l.log.Info("watch options reloaded", "cert", l.o.Push.CertFile, "key", l.o.Push.KeyFile)
 			l.schedule(0)
 		}
 	}
@@ -346,7 +346,8 @@ func (l *watchLoop) process(ctx context.Context, reconcile bool) {
 		return // refused as it is; wait for it to change
 	}
 	if id == l.pushed && !reconcile {
-		return // events that changed nothing (a touch, a chmod)
+		l.log.Debug("source unchanged since the last push") // a touch, a chmod
+		return
 	}
 	if wait := l.restartCapWait(); wait > 0 {
 		if !l.capLogged {

@@ -33,6 +33,26 @@ type watcher struct {
 
 func (w *watcher) log() string { return w.stderr.String() }
 
+// settle returns once the loop has handled every event before it: it
+// touches the source certificate and waits until the loop has looked at the
+// source and found it unchanged. Whatever the earlier events scheduled has
+// happened by then, so counting restarts afterwards needs no sleep.
+func (w *watcher) settle(t *testing.T, cert string) {
+	t.Helper()
+	const seen = "source unchanged since the last push"
+	before := strings.Count(w.log(), seen)
+	now := time.Now()
+	if err := os.Chtimes(cert, now, now); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*testMaxWait, func() error {
+		if strings.Count(w.log(), seen) == before {
+			return fmt.Errorf("the loop has not looked at the source since the touch")
+		}
+		return nil
+	})
+}
+
 // startWatch runs `mmtls watch` for the node with a config file holding
 // the test's watch timings; the source pair and extra flags are given.
 func (n *node) startWatch(t *testing.T, cert, key, roots, listen string, extra ...string) *watcher {
@@ -142,8 +162,7 @@ func TestWatchCertbotRenewal(t *testing.T) {
 		t.Fatal(err)
 	}
 	n.waitServes(t, addr, v2)
-	// Give a stray extra push every chance to happen before counting.
-	time.Sleep(testMaxWait)
+	w.settle(t, cb.CertFile())
 	if got := n.restarts(); got != 2 {
 		t.Errorf("restarts after the renewal = %d, want exactly 2 (provisioning and renewal)", got)
 	}
@@ -182,7 +201,7 @@ func TestWatchBurstOfRewrites(t *testing.T) {
 	}
 	write(chains[0])
 	addr, _ := fixture.PickPort()
-	n.startWatch(t, cert, key, rootFile, addr)
+	w := n.startWatch(t, cert, key, rootFile, addr)
 	n.waitServes(t, addr, chains[0])
 	before := n.restarts()
 
@@ -196,7 +215,7 @@ func TestWatchBurstOfRewrites(t *testing.T) {
 		t.Logf("100 rewrites took %s", d)
 	}
 	n.waitServes(t, addr, last)
-	time.Sleep(testMaxWait)
+	w.settle(t, cert)
 	if got := n.restarts() - before; got > 1 {
 		t.Errorf("%d restarts for one burst, want at most 1", got)
 	}
@@ -214,13 +233,18 @@ func TestWatchSourceDirRecreated(t *testing.T) {
 	os.WriteFile(cert, c1.FullChain(), 0o600)
 	os.WriteFile(key, c1.Leaf.KeyPEM, 0o600)
 	addr, _ := fixture.PickPort()
-	n.startWatch(t, cert, key, rootFile, addr)
+	w := n.startWatch(t, cert, key, rootFile, addr)
 	n.waitServes(t, addr, c1)
 
 	if err := os.RemoveAll(src); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(2 * testQuiet) // the loop sees the directory gone
+	waitFor(t, 10*testMaxWait, func() error { // the loop sees the directory gone
+		if !strings.Contains(w.log(), "source pair not consistent yet") {
+			return fmt.Errorf("the loop has not found the source missing")
+		}
+		return nil
+	})
 	os.MkdirAll(src, 0o700)
 	os.WriteFile(key, c2.Leaf.KeyPEM, 0o600)
 	os.WriteFile(cert, c2.FullChain(), 0o600)

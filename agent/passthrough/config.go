@@ -131,10 +131,12 @@ const (
 )
 
 func (c *Config) connectTimeout() time.Duration { return or(c.ConnectTimeout, DefaultConnectTimeout) }
-func (c *Config) nextTimeout() time.Duration    { return or(c.NextUpstreamTimeout, DefaultNextUpstreamTimeout) }
-func (c *Config) idleTimeout() time.Duration    { return or(c.IdleTimeout, DefaultIdleTimeout) }
-func (c *Config) helloTimeout() time.Duration   { return or(c.HelloTimeout, DefaultHelloTimeout) }
-func (c *Config) failTimeout() time.Duration    { return or(c.FailTimeout, DefaultFailTimeout) }
+func (c *Config) nextTimeout() time.Duration {
+	return or(c.NextUpstreamTimeout, DefaultNextUpstreamTimeout)
+}
+func (c *Config) idleTimeout() time.Duration  { return or(c.IdleTimeout, DefaultIdleTimeout) }
+func (c *Config) helloTimeout() time.Duration { return or(c.HelloTimeout, DefaultHelloTimeout) }
+func (c *Config) failTimeout() time.Duration  { return or(c.FailTimeout, DefaultFailTimeout) }
 func (c *Config) maxFails() int {
 	if c.MaxFails == 0 {
 		return DefaultMaxFails
