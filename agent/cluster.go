@@ -59,7 +59,7 @@ func (l *PostgresLock) String() string { return "postgres advisory lock" }
 func (l *PostgresLock) Acquire(ctx context.Context) (func(), error) {
 	log, clk := logger(l.Logger), clock.Or(l.Clock)
 	start := clk.Now()
-	wait := orDefault(l.Wait, DefaultLockWait)
+	wait := ClusterConfig{LockWait: l.Wait}.WithDefaults().LockWait
 	wctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
 	retry := clk.NewTimer(lockRetry)
@@ -89,7 +89,7 @@ func (l *PostgresLock) Acquire(ctx context.Context) (func(), error) {
 				return nil, ctx.Err()
 			}
 			log.Warn("could not take the cluster restart lock; restarting after a random splay instead", "waited", wait, "err", lastErr)
-			if err := splay(ctx, clk, orDefault(l.Splay, DefaultSplay), log); err != nil {
+			if err := splay(ctx, clk, ClusterConfig{Splay: l.Splay}.WithDefaults().Splay, log); err != nil {
 				return nil, err
 			}
 			l.Metrics.lockWaited(clock.Since(clk, start))
@@ -128,7 +128,7 @@ func (s *SplayLock) String() string { return "random splay" }
 
 // Acquire waits the splay.
 func (s *SplayLock) Acquire(ctx context.Context) (func(), error) {
-	if err := splay(ctx, clock.Or(s.Clock), orDefault(s.Splay, DefaultSplay), logger(s.Logger)); err != nil {
+	if err := splay(ctx, clock.Or(s.Clock), ClusterConfig{Splay: s.Splay}.WithDefaults().Splay, logger(s.Logger)); err != nil {
 		return nil, err
 	}
 	return func() {}, nil
@@ -235,13 +235,6 @@ func pgxDSN(dsn string) string {
 	}
 	u.RawQuery = q.Encode()
 	return u.String()
-}
-
-func orDefault(d, def time.Duration) time.Duration {
-	if d <= 0 {
-		return def
-	}
-	return d
 }
 
 func logger(l *slog.Logger) *slog.Logger {

@@ -65,13 +65,17 @@ func (p *Program) Stop(service.Service) error {
 		return nil
 	}
 	cancel()
-	t := time.NewTimer(orDefault(p.StopTimeout, DefaultStopTimeout))
+	timeout := p.StopTimeout
+	if timeout <= 0 {
+		timeout = DefaultStopTimeout
+	}
+	t := time.NewTimer(timeout)
 	defer t.Stop()
 	select {
 	case <-done:
 		return p.err
 	case <-t.C:
-		return fmt.Errorf("stop: the agent did not stop within %s", orDefault(p.StopTimeout, DefaultStopTimeout))
+		return fmt.Errorf("stop: the agent did not stop within %s", timeout)
 	}
 }
 

@@ -291,7 +291,7 @@ func TestWatchRunReload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var logs syncBuffer
+	var logs fixture.Buffer
 	w := NewWatcher(p, slog.New(slog.NewTextHandler(&logs, nil)), nil)
 	w.Clock = clk
 	o := WatchOptions{Push: push.Options{CertFile: a.CertFile, KeyFile: a.KeyFile}}
@@ -324,21 +324,4 @@ func TestWatchRunReload(t *testing.T) {
 	if !strings.Contains(logs.String(), "watch options reloaded") {
 		t.Errorf("no reload logged:\n%s", logs.String())
 	}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

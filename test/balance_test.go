@@ -70,14 +70,14 @@ type balancerProc struct {
 	cmd    *exec.Cmd
 	addr   string
 	socket string
-	stderr *lockedBuffer
+	stderr *fixture.Buffer
 	done   chan struct{}
 }
 
 func startBalancer(t *testing.T, extra ...string) *balancerProc {
 	t.Helper()
 	addr, _ := fixture.PickPort()
-	p := &balancerProc{addr: addr, socket: filepath.Join(t.TempDir(), "balance.sock"), stderr: &lockedBuffer{}, done: make(chan struct{})}
+	p := &balancerProc{addr: addr, socket: filepath.Join(t.TempDir(), "balance.sock"), stderr: &fixture.Buffer{}, done: make(chan struct{})}
 	args := append([]string{"balance", "--listen", addr, "--control-socket", p.socket}, extra...)
 	p.cmd = exec.Command(mmtlsBin, args...)
 	p.cmd.Stderr = p.stderr

@@ -27,7 +27,7 @@ const (
 // watcher is a running `mmtls watch` process.
 type watcher struct {
 	cmd    *exec.Cmd
-	stderr lockedBuffer
+	stderr fixture.Buffer
 	done   chan struct{}
 }
 
