@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -209,13 +210,76 @@ func (d *Dir) Lstat(name string) (unix.Stat_t, error) {
 	return st, nil
 }
 
+// openRegular opens name for reading only once it is known to be a
+// regular file: an O_PATH descriptor is checked first (opening it opens
+// nothing), then reopened through /proc/self/fd, which reaches the same
+// inode, so the check cannot be raced. Without /proc, the name is opened
+// again and the two are compared; a swap in between is refused.
+func (d *Dir) openRegular(name string) (int, error) {
+	path := d.Join(name)
+	pfd, err := openBeneath(d.fd, name, unix.O_PATH, 0)
+	if err != nil {
+		if err == unix.ELOOP {
+			return -1, fmt.Errorf("read %q: symlink: %w", path, ErrUntrustedFile)
+		}
+		return -1, &fs.PathError{Op: "open", Path: path, Err: err}
+	}
+	defer unix.Close(pfd)
+	return reopenRegular(pfd, path, func(flags int) (int, error) { return openBeneath(d.fd, name, flags, 0) })
+}
+
+// reopenRegular checks that the O_PATH descriptor pfd is a regular file and
+// opens it for reading: through /proc/self/fd, or else with open, checking
+// that it still is the same file.
+func reopenRegular(pfd int, path string, open func(flags int) (int, error)) (int, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(pfd, &st); err != nil {
+		return -1, &fs.PathError{Op: "stat", Path: path, Err: err}
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return -1, fmt.Errorf("read %q: not a regular file (%s): %w", path, fileType(st.Mode), ErrUntrustedFile)
+	}
+	const flags = unix.O_RDONLY | unix.O_NONBLOCK | unix.O_NOCTTY | unix.O_CLOEXEC
+	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", pfd), flags, 0)
+	if err != nil {
+		if fd, err = open(flags); err != nil {
+			return -1, &fs.PathError{Op: "open", Path: path, Err: err}
+		}
+	}
+	var st2 unix.Stat_t
+	if err := unix.Fstat(fd, &st2); err != nil || st2.Dev != st.Dev || st2.Ino != st.Ino {
+		unix.Close(fd)
+		return -1, fmt.Errorf("read %q: changed while opened: %w", path, ErrUntrustedFile)
+	}
+	return fd, nil
+}
+
+// fileType names the file type bits of mode, for messages.
+func fileType(mode uint32) string {
+	switch mode & unix.S_IFMT {
+	case unix.S_IFDIR:
+		return "a directory"
+	case unix.S_IFCHR:
+		return "a character device"
+	case unix.S_IFBLK:
+		return "a block device"
+	case unix.S_IFIFO:
+		return "a FIFO"
+	case unix.S_IFSOCK:
+		return "a socket"
+	case unix.S_IFLNK:
+		return "a symlink"
+	}
+	return "not a regular file"
+}
+
 // suspicion says why the entry described by st must not be trusted, or "".
 func suspicion(st *unix.Stat_t) string {
 	switch {
 	case st.Mode&unix.S_IFMT == unix.S_IFLNK:
 		return "symlink"
 	case st.Mode&unix.S_IFMT != unix.S_IFREG:
-		return "not a regular file"
+		return fileType(st.Mode)
 	case st.Nlink > 1:
 		return fmt.Sprintf("hard link (%d links)", st.Nlink)
 	}
@@ -227,16 +291,14 @@ func suspicion(st *unix.Stat_t) string {
 var ErrUntrustedFile = errors.New("not a plain file")
 
 // ReadFile reads name if it is a regular file with a single link, never
-// following a symlink, and reports its owner, mode and extended attributes.
+// following a symlink and never opening anything else (a device node, a
+// FIFO) for reading, and reports its owner, mode and extended attributes.
 // Reads are limited to max bytes.
 func (d *Dir) ReadFile(name string, max int64) ([]byte, *FileState, error) {
 	path := d.Join(name)
-	fd, err := openBeneath(d.fd, name, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOCTTY, 0)
+	fd, err := d.openRegular(name)
 	if err != nil {
-		if err == unix.ELOOP {
-			return nil, nil, fmt.Errorf("read %q: symlink: %w", path, ErrUntrustedFile)
-		}
-		return nil, nil, &fs.PathError{Op: "open", Path: path, Err: err}
+		return nil, nil, err
 	}
 	f := os.NewFile(uintptr(fd), path)
 	defer f.Close()
@@ -438,6 +500,29 @@ func (d *Dir) Remove(name string) error {
 	if err := unix.Unlinkat(d.fd, name, 0); err != nil && err != unix.ENOENT {
 		return &fs.PathError{Op: "remove", Path: d.Join(name), Err: err}
 	}
+	return nil
+}
+
+// clearPlanted makes way for a rename onto name, where something that is
+// not a file mmtls wrote was found: a directory cannot be renamed over, so
+// an empty one is removed and a full one moved aside under a name that
+// says what it is (its content is the mattermost user's, not mmtls's, and
+// is kept for the administrator to look at). Anything else is left for the
+// rename to replace.
+func (d *Dir) clearPlanted(name string, log *slog.Logger) error {
+	st, err := d.Lstat(name)
+	if err != nil || st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return nil
+	}
+	if err := unix.Unlinkat(d.fd, name, unix.AT_REMOVEDIR); err == nil {
+		log.Warn("removed an empty directory planted where mmtls installs a file", "path", d.Join(name))
+		return nil
+	}
+	aside := name + ".planted-" + randomHex()
+	if err := unix.Renameat(d.fd, name, d.fd, aside); err != nil {
+		return &fs.PathError{Op: "move aside", Path: d.Join(name), Err: err}
+	}
+	log.Warn("moved a directory planted where mmtls installs a file out of the way", "path", d.Join(name), "moved_to", d.Join(aside))
 	return nil
 }
 

@@ -147,6 +147,14 @@ func Install(ctx context.Context, req InstallRequest) (*InstallResult, error) {
 		}
 	}
 
+	for _, fr := range res.Files {
+		if fr.Suspicious != "" {
+			if err := d.clearPlanted(fr.Name, log); err != nil {
+				return nil, fmt.Errorf("install: %w", err)
+			}
+		}
+	}
+
 	var pending []*staged
 	abortAll := func() {
 		for _, s := range pending {
@@ -191,6 +199,12 @@ func inspect(d *Dir, f File, want FileAttrs) (FileResult, error) {
 	}
 	if why := suspicion(&st); why != "" {
 		fr.Suspicious = why
+		return fr, nil
+	}
+	if st.Size > MaxFileSize {
+		// No certificate or key is this large: planted to make every
+		// install fail. mmtls owns the name; it is replaced.
+		fr.Suspicious = fmt.Sprintf("a file of %d bytes, larger than any certificate or key", st.Size)
 		return fr, nil
 	}
 	old, state, err := d.ReadFile(f.Name, MaxFileSize)
@@ -268,6 +282,10 @@ func Restore(ctx context.Context, dir string, files []FileResult) error {
 	for _, fr := range files {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("restore: %w", err)
+		}
+		if err := checkName(fr.Name); err != nil {
+			errs = append(errs, fmt.Errorf("restore: %w", err))
+			continue
 		}
 		switch {
 		case fr.Action == ActionUnchanged:

@@ -12,8 +12,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // MaxFileSize bounds what is read from a certificate or key file. Real
@@ -60,19 +63,22 @@ func LoadPair(certFile, keyFile string) (*Pair, error) {
 	return ParsePair(certFile, certPEM, keyFile, keyPEM)
 }
 
+// readLimited reads a file the administrator named (a source pair, a CA
+// file, a backup), following symlinks, but only once it is known to be a
+// regular file: a FIFO or a device there is refused without being opened
+// for reading.
 func readLimited(name string) ([]byte, error) {
-	f, err := os.Open(name)
+	pfd, err := unix.Open(name, unix.O_PATH|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &fs.PathError{Op: "open", Path: name, Err: err}
+	}
+	defer unix.Close(pfd)
+	fd, err := reopenRegular(pfd, name, func(flags int) (int, error) { return unix.Open(name, flags, 0) })
 	if err != nil {
 		return nil, err
 	}
+	f := os.NewFile(uintptr(fd), name)
 	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s: not a regular file (%s)", name, fi.Mode().Type())
-	}
 	data, err := io.ReadAll(io.LimitReader(f, MaxFileSize+1))
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
