@@ -135,6 +135,9 @@ func lookupSection(doc []byte, section string) (json.RawMessage, error) {
 		return nil, err
 	}
 	secs := top.find(section)
+	if err := unambiguous(secs, section); err != nil {
+		return nil, err
+	}
 	if len(secs) == 0 {
 		return nil, nil
 	}

@@ -33,9 +33,11 @@ var ErrNotObject = errors.New("not a JSON object")
 // changed. Only the bytes of the values it changes (or the members it adds)
 // differ: every other key, unknown ones included, keeps its value, order and
 // formatting. A setting that already holds an equal value is left as it is;
-// when nothing changes, the returned document is doc itself. Duplicate keys
-// are all set, since encoding/json lets the last one win. Edit is pure and
-// safe for concurrent use.
+// when nothing changes, the returned document is doc itself. Keys match as
+// Mattermost decodes them, ignoring case; duplicate keys are all set, since
+// encoding/json lets the last one win, and a key spelled two ways is refused
+// (ErrAmbiguous). Edit is pure, linear in the document's size, and safe for
+// concurrent use.
 func Edit(doc []byte, settings []Setting) ([]byte, []Change, error) {
 	if !json.Valid(doc) {
 		var v any
@@ -80,6 +82,9 @@ func set(doc []byte, section, key string, raw []byte) ([]byte, json.RawMessage, 
 		return nil, nil, false, fmt.Errorf("config: %w", err)
 	}
 	secs := top.find(section)
+	if err := unambiguous(secs, section); err != nil {
+		return nil, nil, false, err
+	}
 	if len(secs) == 0 {
 		member := fmt.Sprintf("%q: {%q: %s}", section, key, raw)
 		if top.multiline(doc) {
@@ -88,11 +93,16 @@ func set(doc []byte, section, key string, raw []byte) ([]byte, json.RawMessage, 
 		}
 		return top.insert(doc, member), nil, true, nil
 	}
-	// Edit from the end so earlier offsets stay valid.
-	var old json.RawMessage
-	changed := false
-	for i := len(secs) - 1; i >= 0; i-- {
-		sec := secs[i]
+	// Every member that decodes into the setting is set; the edits are
+	// collected and applied in one pass, so a document with thousands of
+	// duplicates costs one copy, not one per duplicate.
+	var (
+		old     json.RawMessage
+		edits   []span
+		members []member
+		lastObj *object
+	)
+	for i, sec := range secs {
 		if doc[sec.valStart] != '{' {
 			return nil, nil, false, fmt.Errorf("config: %s: %w", section, ErrNotObject)
 		}
@@ -100,49 +110,87 @@ func set(doc []byte, section, key string, raw []byte) ([]byte, json.RawMessage, 
 		if err != nil {
 			return nil, nil, false, fmt.Errorf("config: %s: %w", section, err)
 		}
-		members := obj.find(key)
-		if len(members) == 0 {
-			if i == len(secs)-1 {
-				// Only the last section counts for decoding; add it there.
-				sep := ": "
-				if len(obj.members) > 0 {
-					last := obj.members[len(obj.members)-1]
-					sep = string(doc[last.keyEnd:last.valStart])
-				}
-				doc = obj.insert(doc, fmt.Sprintf("%q%s%s", key, sep, raw))
-				changed = true
-			}
-			continue
+		if i == len(secs)-1 {
+			lastObj = obj
 		}
-		for j := len(members) - 1; j >= 0; j-- {
-			m := members[j]
-			cur := doc[m.valStart:m.valEnd]
-			if old == nil {
-				old = append(json.RawMessage(nil), cur...)
-			}
-			if sameJSON(cur, raw) {
-				continue
-			}
-			doc = splice(doc, m.valStart, m.valEnd, raw)
-			changed = true
+		members = append(members, obj.find(key)...)
+	}
+	if err := unambiguous(members, section+"."+key); err != nil {
+		return nil, nil, false, err
+	}
+	if len(members) > 0 {
+		// encoding/json lets the last one win: that is the value in force.
+		m := members[len(members)-1]
+		old = append(json.RawMessage(nil), doc[m.valStart:m.valEnd]...)
+	}
+	for _, m := range members {
+		if !sameJSON(doc[m.valStart:m.valEnd], raw) {
+			edits = append(edits, span{m.valStart, m.valEnd, raw})
 		}
 	}
-	return doc, old, changed, nil
+	if len(lastObj.find(key)) == 0 {
+		// The last section's values win when decoding: add it there too.
+		sep := ": "
+		if len(lastObj.members) > 0 {
+			last := lastObj.members[len(lastObj.members)-1]
+			sep = string(doc[last.keyEnd:last.valStart])
+		}
+		edits = append(edits, lastObj.insertSpan(doc, fmt.Sprintf("%q%s%s", key, sep, raw)))
+	}
+	if len(edits) == 0 {
+		return doc, old, false, nil
+	}
+	return applySpans(doc, edits), old, true, nil
+}
+
+// span replaces doc[start:end] with repl.
+type span struct {
+	start, end int
+	repl       []byte
+}
+
+// applySpans applies non-overlapping spans, given in document order, in one
+// pass.
+func applySpans(doc []byte, spans []span) []byte {
+	n := len(doc)
+	for _, s := range spans {
+		n += len(s.repl) - (s.end - s.start)
+	}
+	out := make([]byte, 0, n)
+	at := 0
+	for _, s := range spans {
+		out = append(out, doc[at:s.start]...)
+		out = append(out, s.repl...)
+		at = s.end
+	}
+	return append(out, doc[at:]...)
+}
+
+// ErrAmbiguous is returned for a config with two spellings of one key
+// ("TLSKeyFile" and "tlskeyfile"): Mattermost decodes keys ignoring case,
+// so both set one setting and the last wins, whatever mmtls edits.
+var ErrAmbiguous = errors.New("ambiguous key")
+
+// unambiguous refuses members that spell one key in more than one way.
+func unambiguous(ms []member, name string) error {
+	for _, m := range ms[min(1, len(ms)):] {
+		if m.key != ms[0].key {
+			return fmt.Errorf("config: %s is written both as %q and as %q; Mattermost reads keys ignoring case, "+
+				"so both set the same setting and the last one wins: keep one spelling (%w)", name, ms[0].key, m.key, ErrAmbiguous)
+		}
+	}
+	return nil
 }
 
 func sameJSON(a, b []byte) bool {
+	if bytes.Equal(a, b) {
+		return true
+	}
 	var va, vb any
 	if json.Unmarshal(a, &va) != nil || json.Unmarshal(b, &vb) != nil {
 		return false
 	}
 	return reflect.DeepEqual(va, vb)
-}
-
-func splice(doc []byte, start, end int, repl []byte) []byte {
-	out := make([]byte, 0, len(doc)-(end-start)+len(repl))
-	out = append(out, doc[:start]...)
-	out = append(out, repl...)
-	return append(out, doc[end:]...)
 }
 
 // The scanner below runs only on documents json.Valid accepted, so it can be
@@ -159,10 +207,12 @@ type object struct {
 	members    []member
 }
 
+// find returns the members that encoding/json decodes into the field key:
+// its name in any case (Unicode simple folding, as encoding/json matches).
 func (o *object) find(key string) []member {
 	var out []member
 	for _, m := range o.members {
-		if m.key == key {
+		if strings.EqualFold(m.key, key) {
 			out = append(out, m)
 		}
 	}
@@ -193,6 +243,11 @@ func lineIndent(doc []byte, pos int) string {
 
 // insert adds member text as the object's last member, in the object's style.
 func (o *object) insert(doc []byte, text string) []byte {
+	return applySpans(doc, []span{o.insertSpan(doc, text)})
+}
+
+// insertSpan is the edit that insert makes.
+func (o *object) insertSpan(doc []byte, text string) span {
 	nl := "\n"
 	if bytes.Contains(doc, []byte("\r\n")) {
 		nl = "\r\n"
@@ -201,9 +256,9 @@ func (o *object) insert(doc []byte, text string) []byte {
 	if len(o.members) == 0 {
 		if bytes.IndexByte(doc, '\n') >= 0 {
 			outer := lineIndent(doc, o.start)
-			return splice(doc, o.start+1, o.end-1, []byte(nl+outer+"    "+text+nl+outer))
+			return span{o.start + 1, o.end - 1, []byte(nl + outer + "    " + text + nl + outer)}
 		}
-		return splice(doc, o.start+1, o.end-1, []byte(text))
+		return span{o.start + 1, o.end - 1, []byte(text)}
 	}
 	last := o.members[len(o.members)-1]
 	sep := ","
@@ -212,7 +267,7 @@ func (o *object) insert(doc []byte, text string) []byte {
 	} else if bytes.HasPrefix(doc[last.keyEnd:], []byte(": ")) {
 		sep = ", "
 	}
-	return splice(doc, last.valEnd, last.valEnd, []byte(sep+text))
+	return span{last.valEnd, last.valEnd, []byte(sep + text)}
 }
 
 func parseObject(doc []byte, i int) (*object, error) {

@@ -3,10 +3,13 @@ package mmconfig
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
+	"runtime"
 	"strings"
 	"testing"
 )
@@ -174,5 +177,79 @@ func TestLookup(t *testing.T) {
 	}
 	if _, err := Lookup([]byte(`{"ServiceSettings": 3}`), Section, "SiteURL"); err == nil || err.Error() != "config: ServiceSettings: not a JSON object" {
 		t.Errorf("non-object section: %v", err)
+	}
+}
+
+// Keys match as Mattermost decodes them (encoding/json ignores case): a
+// key in another case is edited in place, and a key spelled two ways is
+// refused, since the last one wins whatever mmtls writes.
+func TestEditMatchesKeysAsMattermostDecodes(t *testing.T) {
+	doc := []byte(`{"ServiCeSettings": {"tlskeyfile": "/old", "SiteURL": "https://chat.example.com"}}`)
+	out, _, err := Edit(doc, testTLS.Settings())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(out, []byte(`"ServiceSettings"`)) || bytes.Contains(out, []byte(`"TLSKeyFile"`)) {
+		t.Errorf("added a second spelling instead of editing in place:\n%s", out)
+	}
+	var got struct{ ServiceSettings struct{ TLSKeyFile string } }
+	if err := json.Unmarshal(out, &got); err != nil || got.ServiceSettings.TLSKeyFile != testTLS.KeyFile {
+		t.Errorf("as Mattermost decodes it, TLSKeyFile = %q (%v), want %q", got.ServiceSettings.TLSKeyFile, err, testTLS.KeyFile)
+	}
+
+	for _, amb := range []string{
+		`{"ServiceSettings": {"TLSKeyFile": "/old", "tlskeyfile": "/etc/hostname"}}`,
+		`{"ServiceSettings": {"TLSKeyFile": "/old"}, "servicesettings": {"TLSKeyFile": "/etc/hostname"}}`,
+	} {
+		if _, _, err := Edit([]byte(amb), testTLS.Settings()); !errors.Is(err, ErrAmbiguous) {
+			t.Errorf("Edit(%s) = %v, want ErrAmbiguous", amb, err)
+		}
+		if _, err := Lookup([]byte(amb), "ServiceSettings", "TLSKeyFile"); !errors.Is(err, ErrAmbiguous) {
+			t.Errorf("Lookup(%s) = %v, want ErrAmbiguous", amb, err)
+		}
+	}
+	if v, err := LookupString([]byte(`{"sqlsettings": {"datasource": "postgres://x"}}`), "SqlSettings", "DataSource"); err != nil || v != "postgres://x" {
+		t.Errorf("LookupString in another case = %q, %v", v, err)
+	}
+}
+
+// Thousands of duplicate members cost one copy of the document, not one
+// per duplicate (which made a 680 KB file take 32 s).
+func TestEditDuplicatesIsLinear(t *testing.T) {
+	var b bytes.Buffer
+	b.WriteString(`{"ServiceSettings": {`)
+	for i := range 4000 {
+		fmt.Fprintf(&b, `"TLSKeyFile": "/old/%d", `, i)
+	}
+	b.WriteString(`"SiteURL": "https://chat.example.com"}}`)
+	doc := b.Bytes()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	out, _, err := Edit(doc, testTLS.Settings())
+	runtime.ReadMemStats(&after)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := bytes.Count(out, []byte(testTLS.KeyFile)); n != 4000 {
+		t.Errorf("%d of 4000 duplicates set", n)
+	}
+	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > uint64(500*len(doc)) { // one copy per duplicate is 4000x
+		t.Errorf("editing a %d-byte document allocated %d bytes: quadratic in its duplicates", len(doc), alloc)
+	}
+}
+
+func BenchmarkEditDuplicates(b *testing.B) {
+	var buf bytes.Buffer
+	buf.WriteString(`{"ServiceSettings": {`)
+	for i := range 40000 {
+		fmt.Fprintf(&buf, `"TLSKeyFile": "/old/%d", `, i)
+	}
+	buf.WriteString(`"SiteURL": "https://chat.example.com"}}`)
+	doc := buf.Bytes()
+	b.SetBytes(int64(len(doc)))
+	for b.Loop() {
+		if _, _, err := Edit(doc, testTLS.Settings()); err != nil {
+			b.Fatal(err)
+		}
 	}
 }

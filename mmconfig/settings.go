@@ -54,8 +54,9 @@ func OwnedKeys() []string {
 	return out
 }
 
-// Lookup returns the raw JSON value of section.key in doc (the last one, if
-// duplicated, as encoding/json decodes it), or nil if absent.
+// Lookup returns the raw JSON value of section.key in doc as encoding/json
+// decodes it (keys in any case, the last one if duplicated), or nil if
+// absent. A key spelled two ways is an error (ErrAmbiguous).
 func Lookup(doc []byte, section, key string) (json.RawMessage, error) {
 	raw, err := lookupSection(doc, section)
 	if err != nil || raw == nil {
@@ -66,6 +67,9 @@ func Lookup(doc []byte, section, key string) (json.RawMessage, error) {
 		return nil, fmt.Errorf("config: %s: %w", section, err)
 	}
 	ms := obj.find(key)
+	if err := unambiguous(ms, section+"."+key); err != nil {
+		return nil, err
+	}
 	if len(ms) == 0 {
 		return nil, nil
 	}
