@@ -14,6 +14,7 @@ import (
 
 	"github.com/mmtls/mmtls/agent/clock"
 	"github.com/mmtls/mmtls/agent/push"
+	"github.com/mmtls/mmtls/certs"
 	"github.com/mmtls/mmtls/mmconfig"
 )
 
@@ -103,7 +104,7 @@ func (l *PostgresLock) Acquire(ctx context.Context) (func(), error) {
 // lock connects and blocks in pg_advisory_lock until it is granted or ctx ends.
 func (l *PostgresLock) lock(ctx context.Context) (*pgx.Conn, error) {
 	cctx, cancel := context.WithTimeout(ctx, lockConnectTimeout)
-	conn, err := pgx.Connect(cctx, l.DSN)
+	conn, err := connect(cctx, l.DSN)
 	cancel()
 	if err != nil {
 		return nil, fmt.Errorf("connect to the cluster database: %w", err)
@@ -186,7 +187,74 @@ func NewRestartLock(c ClusterConfig, o push.Options, unitDirs []string, log *slo
 		log.Info("no cluster database found in Mattermost's config; restarts are not coordinated with other nodes")
 		return nil, nil
 	}
+	if err := checkDSNFiles(dsn); err != nil {
+		// The DSN comes from Mattermost's config, which the mattermost
+		// user can write: a FIFO there would hang the connection with the
+		// state lock held.
+		if mode == "postgres" {
+			return nil, err
+		}
+		log.Warn("not using the cluster database: nodes restart after a random splay", "err", err)
+		return &SplayLock{Splay: splayMax, Logger: log}, nil
+	}
 	return &PostgresLock{DSN: pgxDSN(dsn), Wait: wait, Splay: splayMax, Logger: log, Metrics: m}, nil
+}
+
+// dsnFileParams are the parameters of a PostgreSQL DSN that name files the
+// driver reads while parsing it, with no deadline.
+var dsnFileParams = []string{"sslrootcert", "sslcert", "sslkey", "passfile", "servicefile"}
+
+// checkDSNFiles refuses a DSN that names, for the driver to read, anything
+// but a regular file (a FIFO blocks the read forever; a device is opened).
+func checkDSNFiles(dsn string) error {
+	params := map[string]string{}
+	if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
+		for k, v := range u.Query() {
+			params[k] = v[len(v)-1]
+		}
+	} else {
+		for _, kv := range strings.Fields(dsn) {
+			if k, v, ok := strings.Cut(kv, "="); ok {
+				params[k] = strings.Trim(v, "'")
+			}
+		}
+	}
+	for _, k := range dsnFileParams {
+		p := params[k]
+		if p == "" || p == "system" {
+			continue
+		}
+		if _, _, err := certs.ReadRegular(p, certs.MaxFileSize); err != nil {
+			return fmt.Errorf("the cluster database DSN's %s: %w", k, err)
+		}
+	}
+	return nil
+}
+
+// connect is pgx.Connect bounded by ctx, whatever the driver does before it
+// looks at ctx (it reads the DSN's files first): if ctx ends first, the
+// attempt is abandoned and its connection closed when it completes.
+func connect(ctx context.Context, dsn string) (*pgx.Conn, error) {
+	type result struct {
+		c   *pgx.Conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		c, err := pgx.Connect(ctx, dsn)
+		ch <- result{c, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.c, r.err
+	case <-ctx.Done():
+		go func() {
+			if r := <-ch; r.c != nil {
+				r.c.Close(context.Background())
+			}
+		}()
+		return nil, ctx.Err()
+	}
 }
 
 // mattermostDatabase reads SqlSettings.DriverName and DataSource as

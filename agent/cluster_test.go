@@ -2,11 +2,15 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"net"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/mmtls/mmtls/agent/push"
+	"golang.org/x/sys/unix"
 )
 
 // A node that cannot reach the cluster database waits, then restarts after
@@ -58,5 +62,29 @@ func TestNewRestartLockModes(t *testing.T) {
 	}
 	if got := pgxDSN("postgres://u@h/db?sslmode=disable&binary_parameters=yes"); got != "postgres://u@h/db?sslmode=disable" {
 		t.Errorf("pgxDSN = %q", got)
+	}
+}
+
+// A DSN from Mattermost's config (the mattermost user's file) that names a
+// FIFO for the driver to read is not used: the connection would hang with
+// the state lock held. Auto mode falls back to the splay; postgres refuses.
+func TestNewRestartLockRefusesDSNFiles(t *testing.T) {
+	fifo := filepath.Join(t.TempDir(), "root.crt")
+	if err := unix.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dsn := "postgres://mmuser@127.0.0.1:1/mm?sslmode=verify-full&sslrootcert=" + fifo
+	l, err := NewRestartLock(ClusterConfig{Mode: "auto", DSN: dsn}, push.Options{}, nil, nil, nil)
+	if err != nil || l.String() != "random splay" {
+		t.Errorf("auto with a FIFO in the DSN: %v %v, want the splay", l, err)
+	}
+	if _, err := NewRestartLock(ClusterConfig{Mode: "postgres", DSN: dsn}, push.Options{}, nil, nil, nil); err == nil || !strings.Contains(err.Error(), "sslrootcert") {
+		t.Errorf("postgres with a FIFO in the DSN: %v", err)
+	}
+	// Bounded even if the driver is handed one.
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if _, err := connect(ctx, dsn); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("connect = %v, want the deadline", err)
 	}
 }

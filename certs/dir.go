@@ -290,6 +290,27 @@ func suspicion(st *unix.Stat_t) string {
 // hard link or not a regular file.
 var ErrUntrustedFile = errors.New("not a plain file")
 
+// OpenFile opens name for reading if it is a regular file with a single
+// link, never following a symlink: a file root then acts on by descriptor
+// (fsetxattr), so that a swap after the check cannot redirect it.
+func (d *Dir) OpenFile(name string) (*os.File, error) {
+	fd, err := d.openRegular(name)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), d.Join(name))
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		f.Close()
+		return nil, &fs.PathError{Op: "stat", Path: d.Join(name), Err: err}
+	}
+	if why := suspicion(&st); why != "" {
+		f.Close()
+		return nil, fmt.Errorf("open %q: %s: %w", d.Join(name), why, ErrUntrustedFile)
+	}
+	return f, nil
+}
+
 // ReadFile reads name if it is a regular file with a single link, never
 // following a symlink and never opening anything else (a device node, a
 // FIFO) for reading, and reports its owner, mode and extended attributes.

@@ -63,30 +63,47 @@ func LoadPair(certFile, keyFile string) (*Pair, error) {
 	return ParsePair(certFile, certPEM, keyFile, keyPEM)
 }
 
+// ReadRegular reads the file at path, following symlinks, if it is a
+// regular file of at most max bytes; a FIFO or a device is refused without
+// being opened for reading (ErrUntrustedFile). It reports the file's owner
+// and mode, as opened. For files root reads from places others may write:
+// a service's EnvironmentFile, Mattermost's config.
+func ReadRegular(path string, max int64) ([]byte, *FileState, error) {
+	pfd, err := unix.Open(path, unix.O_PATH|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, &fs.PathError{Op: "open", Path: path, Err: err}
+	}
+	defer unix.Close(pfd)
+	fd, err := reopenRegular(pfd, path, func(flags int) (int, error) { return unix.Open(path, flags, 0) })
+	if err != nil {
+		return nil, nil, err
+	}
+	f := os.NewFile(uintptr(fd), path)
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, nil, &fs.PathError{Op: "stat", Path: path, Err: err}
+	}
+	data, err := io.ReadAll(io.LimitReader(f, max+1))
+	if err != nil {
+		return nil, nil, fmt.Errorf("read %q: %w", path, err)
+	}
+	if int64(len(data)) > max {
+		return nil, nil, fmt.Errorf("read %q: larger than %d bytes", path, max)
+	}
+	return data, &FileState{FileAttrs: FileAttrs{UID: int(st.Uid), GID: int(st.Gid), Mode: fs.FileMode(st.Mode & 0o777)}, Dev: st.Dev, Ino: st.Ino}, nil
+}
+
 // readLimited reads a file the administrator named (a source pair, a CA
 // file, a backup), following symlinks, but only once it is known to be a
 // regular file: a FIFO or a device there is refused without being opened
 // for reading.
 func readLimited(name string) ([]byte, error) {
-	pfd, err := unix.Open(name, unix.O_PATH|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, &fs.PathError{Op: "open", Path: name, Err: err}
-	}
-	defer unix.Close(pfd)
-	fd, err := reopenRegular(pfd, name, func(flags int) (int, error) { return unix.Open(name, flags, 0) })
-	if err != nil {
-		return nil, err
-	}
-	f := os.NewFile(uintptr(fd), name)
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, MaxFileSize+1))
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", name, err)
-	}
-	if len(data) > MaxFileSize {
+	data, _, err := ReadRegular(name, MaxFileSize)
+	if err != nil && strings.Contains(err.Error(), "larger than") {
 		return nil, fmt.Errorf("%s: larger than %d bytes; this is not a certificate or key file", name, MaxFileSize)
 	}
-	return data, nil
+	return data, err
 }
 
 // ParsePair parses PEM data. The file names are used in messages only.

@@ -19,6 +19,10 @@ type Location struct {
 	// Origin says how it was found: "--mm-config", "MM_CONFIG (FILE:LINE)"
 	// or "default".
 	Origin string `json:"origin"`
+	// Untrusted is set when the path came from a file a user other than
+	// root can change: the file it names must be the mattermost user's
+	// own, as config.json is, never a file of root's.
+	Untrusted bool `json:"untrusted,omitempty"`
 }
 
 // Locate finds Mattermost's config file: flag (the --mm-config value) if
@@ -30,7 +34,7 @@ func Locate(flag string, env *ServiceEnv, mattermostDir string) (Location, error
 	loc := Location{Path: flag, Origin: "--mm-config"}
 	if flag == "" {
 		if v, ok := env.Lookup("MM_CONFIG"); ok && v.Value != "" {
-			loc = Location{Path: v.Value, Origin: "MM_CONFIG (" + v.Source + ")"}
+			loc = Location{Path: v.Value, Origin: "MM_CONFIG (" + v.Source + ")", Untrusted: v.Untrusted}
 		} else {
 			loc = Location{Path: filepath.Join(mattermostDir, "config", "config.json"), Origin: "default"}
 		}

@@ -10,6 +10,9 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
+
+	"github.com/mmtls/mmtls/certs"
 )
 
 // DefaultUnitDirs are the directories systemd loads units from, highest
@@ -24,6 +27,11 @@ type EnvVar struct {
 	Value string `json:"value"`
 	// Source is where it was set: "FILE:LINE".
 	Source string `json:"source"`
+	// Untrusted is set when Source is a file that a user other than root
+	// can change (the mattermost user's EnvironmentFile): whatever it
+	// names must pass the checks mmtls applies to the mattermost user's
+	// tree.
+	Untrusted bool `json:"untrusted,omitempty"`
 }
 
 // ServiceEnv is the environment systemd gives a service through its unit's
@@ -152,7 +160,7 @@ type assignment struct {
 // parseUnit returns the Environment= and EnvironmentFile= assignments of a
 // unit file's [Service] section.
 func parseUnit(path string) (env, envFiles []assignment, err error) {
-	data, err := os.ReadFile(path)
+	data, _, err := certs.ReadRegular(path, maxUnitFile)
 	if err != nil {
 		return nil, nil, fmt.Errorf("read unit: %w", err)
 	}
@@ -258,10 +266,11 @@ func splitQuoted(s string) ([]string, error) {
 // parseEnvFile reads a systemd EnvironmentFile: KEY=VALUE lines, comments
 // starting with # or ;, values optionally quoted.
 func parseEnvFile(path string) ([]EnvVar, error) {
-	data, err := os.ReadFile(path)
+	data, st, err := certs.ReadRegular(path, maxUnitFile)
 	if err != nil {
 		return nil, err
 	}
+	untrusted := writableByOthers(path, st)
 	var out []EnvVar
 	for i, line := range strings.Split(string(data), "\n") {
 		line = strings.TrimSpace(line)
@@ -276,7 +285,28 @@ func parseEnvFile(path string) ([]EnvVar, error) {
 		if len(v) >= 2 && (v[0] == '"' && v[len(v)-1] == '"' || v[0] == '\'' && v[len(v)-1] == '\'') {
 			v = v[1 : len(v)-1]
 		}
-		out = append(out, EnvVar{Name: k, Value: v, Source: fmt.Sprintf("%s:%d", path, i+1)})
+		out = append(out, EnvVar{Name: k, Value: v, Source: fmt.Sprintf("%s:%d", path, i+1), Untrusted: untrusted})
 	}
 	return out, nil
+}
+
+// maxUnitFile bounds a unit file or EnvironmentFile: real ones are a few
+// hundred bytes; /dev/zero behind a symlink is not one.
+const maxUnitFile = 1 << 20
+
+// writableByOthers reports whether someone other than root may change the
+// file at path: its owner, its mode, or the directory holding it (which
+// could swap it). Mattermost's install guide hands its config directory,
+// where the database deployments keep mattermost.environment, to the
+// mattermost user.
+func writableByOthers(path string, st *certs.FileState) bool {
+	if st.UID != 0 || st.Mode&0o022 != 0 {
+		return true
+	}
+	fi, err := os.Stat(filepath.Dir(path))
+	if err != nil {
+		return true
+	}
+	dst, ok := fi.Sys().(*syscall.Stat_t)
+	return !ok || dst.Uid != 0 || (fi.Mode().Perm()&0o022 != 0 && fi.Mode()&os.ModeSticky == 0)
 }

@@ -39,7 +39,7 @@ func TestUnitRenders(t *testing.T) {
 	for _, want := range []string{
 		"ExecStart=" + exe + " run --config /etc/mmtls/mmtls.toml\n",
 		"Restart=on-failure\n", "RestartSec=5s\n", "TimeoutStopSec=12min\n",
-		"After=network-online.target\n", "ReadWritePaths=/srv/mattermost/config\n", "StateDirectory=mmtls\n",
+		"After=network-online.target\n", "ReadWritePaths=/srv/mattermost/config\n", "StateDirectory=mmtls\n", "RuntimeDirectory=mmtls\n", " CAP_NET_BIND_SERVICE\n",
 	} {
 		if !strings.Contains(unit, want) {
 			t.Errorf("unit lacks %q:\n%s", want, unit)
@@ -170,6 +170,33 @@ func TestPackages(t *testing.T) {
 	for _, bad := range []string{"systemctl start", "systemctl restart", "enable --now mmtls.service >/dev/null 2>&1 || true\n\t;;\nesac\nexit 0\npostinstall"} {
 		if strings.Contains(scripts, bad) {
 			t.Errorf("package scripts contain %q:\n%s", bad, scripts)
+		}
+	}
+}
+
+// Purge removes the state directory (backups of earlier keys); a plain
+// remove keeps it. The script is run with the directory moved to a
+// scratch place.
+func TestPostremovePurgesState(t *testing.T) {
+	script, err := os.ReadFile("scripts/postremove.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		arg  string
+		kept bool
+	}{{"remove", true}, {"upgrade", true}, {"purge", false}} {
+		state := filepath.Join(t.TempDir(), "mmtls")
+		if err := os.MkdirAll(filepath.Join(state, "backups"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		body := strings.ReplaceAll(string(script), "/var/lib/mmtls", state)
+		body = strings.ReplaceAll(body, "/run/systemd/system", filepath.Join(state, "no-systemd"))
+		if out, err := exec.Command("sh", "-c", body, "postremove", tt.arg).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v %s", tt.arg, err, out)
+		}
+		if _, err := os.Stat(state); (err == nil) != tt.kept {
+			t.Errorf("postremove %s: state kept = %v, want %v", tt.arg, err == nil, tt.kept)
 		}
 	}
 }

@@ -13,6 +13,8 @@ import (
 	"regexp"
 	"strings"
 	"time"
+
+	"github.com/mmtls/mmtls/certs"
 )
 
 // acmeToken is what an HTTP-01 challenge token looks like (base64url).
@@ -37,11 +39,34 @@ func RedirectHandler(siteURL, webroot string) (http.Handler, error) {
 				http.NotFound(w, r)
 				return
 			}
-			http.ServeFile(w, r, filepath.Join(webroot, ".well-known", "acme-challenge", tok))
+			serveChallenge(w, r, webroot, tok)
 			return
 		}
 		http.Redirect(w, r, "https://"+host+r.URL.RequestURI(), http.StatusMovedPermanently)
 	}), nil
+}
+
+// maxChallenge bounds an HTTP-01 key authorization (token, a dot and a
+// 43-character thumbprint).
+const maxChallenge = 4 << 10
+
+// serveChallenge answers an HTTP-01 challenge from the webroot: a regular
+// file beneath it, opened without following any symlink (the balancer runs
+// as root; a link planted there must not serve a root-only file to anyone).
+func serveChallenge(w http.ResponseWriter, r *http.Request, webroot, tok string) {
+	d, err := certs.OpenDir(filepath.Join(webroot, ".well-known", "acme-challenge"))
+	if err != nil {
+		http.NotFound(w, r)
+		return
+	}
+	defer d.Close()
+	data, _, err := d.ReadFile(tok, maxChallenge)
+	if err != nil {
+		http.NotFound(w, r)
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain")
+	w.Write(data)
 }
 
 // serveRedirect runs the redirect listener until ctx ends.

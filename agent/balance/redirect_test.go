@@ -5,7 +5,10 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestRedirectHandler(t *testing.T) {
@@ -49,5 +52,36 @@ func TestRedirectHandler(t *testing.T) {
 	}
 	if _, err := RedirectHandler("http://chat.example.test", ""); err == nil {
 		t.Error("http SiteURL accepted")
+	}
+}
+
+// A symlink planted in the webroot (by whoever may write there) does not
+// make the root balancer serve the file it points to.
+func TestRedirectChallengeNeverFollowsLinks(t *testing.T) {
+	webroot := t.TempDir()
+	dir := filepath.Join(webroot, ".well-known", "acme-challenge")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	secret := filepath.Join(t.TempDir(), "shadow")
+	if err := os.WriteFile(secret, []byte("root:secret"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(secret, filepath.Join(dir, "tok")); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mkfifo(filepath.Join(dir, "fifo"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	h, err := RedirectHandler("https://chat.example.test", webroot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"tok", "fifo"} {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "http://chat.example.test/.well-known/acme-challenge/"+name, nil))
+		if rec.Code != http.StatusNotFound || strings.Contains(rec.Body.String(), "secret") {
+			t.Errorf("%s: %d %q, want 404", name, rec.Code, rec.Body.String())
+		}
 	}
 }

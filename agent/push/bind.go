@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -33,35 +34,36 @@ AmbientCapabilities=CAP_NET_BIND_SERVICE
 const capNetBindService = 10
 
 // bindPrivilege makes sure Mattermost, running as uid, may listen on the
-// port of listen. It returns a note on what it did ("" for nothing) and
-// warnings.
-func (p *Pusher) bindPrivilege(ctx context.Context, o Options, listen string, uid int, unitFile string) (string, []string, error) {
+// port of listen. It returns a note on what it did ("" for nothing), how
+// to undo it (nil for nothing to undo) and warnings.
+func (p *Pusher) bindPrivilege(ctx context.Context, o Options, listen string, uid int, unitFile string) (string, func() error, []string, error) {
 	ps, err := mmconfig.ListenPort(listen)
 	if err != nil {
-		return "", nil, nil // Check already refused a bad ListenAddress
+		return "", nil, nil, nil // Check already refused a bad ListenAddress
 	}
 	port, err := strconv.Atoi(ps)
 	if err != nil || port >= 1024 || uid == 0 {
-		return "", nil, nil
+		return "", nil, nil, nil
 	}
 	if o.RestartCommand == "" && unitFile != "" {
-		return p.bindDropIn(ctx, o.Service)
+		note, warns, err := p.bindDropIn(ctx, o.Service)
+		return note, nil, warns, err
 	}
 	bin := filepath.Join(o.MattermostDir, "bin", "mattermost")
-	if _, err := os.Stat(bin); err != nil {
-		return "", []string{fmt.Sprintf("Mattermost must be allowed to bind port %d, but %s was not found to give it the capability; "+
+	undo, changed, err := setBindCapability(bin)
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil, []string{fmt.Sprintf("Mattermost must be allowed to bind port %d, but %s was not found to give it the capability; "+
 			"do it yourself (setcap cap_net_bind_service=+ep on the binary, or AmbientCapabilities=CAP_NET_BIND_SERVICE in its service)", port, bin)}, nil
 	}
-	changed, err := setBindCapability(bin)
 	if err != nil {
-		return "", nil, fmt.Errorf("give %s the capability to bind port %d: %w", bin, port, err)
+		return "", nil, nil, fmt.Errorf("give %s the capability to bind port %d: %w", bin, port, err)
 	}
 	warn := []string{fmt.Sprintf("%s has the file capability cap_net_bind_service to bind port %d; a Mattermost upgrade replaces the binary and drops it "+
 		"(run mmtls push again after upgrading), and a nosuid mount or NoNewPrivileges= defeats it", bin, port)}
 	if !changed {
-		return "", warn, nil
+		return "", nil, warn, nil
 	}
-	return "set cap_net_bind_service on " + bin, warn, nil
+	return "set cap_net_bind_service on " + bin, undo, warn, nil
 }
 
 func (p *Pusher) bindDropIn(ctx context.Context, service string) (string, []string, error) {
@@ -121,35 +123,88 @@ func unitGrants(dirs []string, service string) bool {
 // setBindCapability adds cap_net_bind_service to the binary's permitted and
 // effective file capabilities, as `setcap cap_net_bind_service=+ep` does,
 // keeping any capability it already has. It reports whether it changed
-// anything.
-func setBindCapability(path string) (bool, error) {
+// anything and returns how to put the previous value back.
+//
+// The binary's directory is the mattermost user's: a symlink or a hard link
+// planted there in place of the binary (to python3, say) is refused, never
+// followed, and the attribute is read and written through the descriptor
+// that was checked.
+func setBindCapability(path string) (undo func() error, changed bool, err error) {
 	// struct vfs_cap_data, revision 2: magic_etc, then permitted and
 	// inheritable for capabilities 0-31 and 32-63.
 	const (
 		revision2 = 0x02000000
 		effective = 0x000001
+		attr      = "security.capability"
 	)
+	d, err := certs.OpenDir(filepath.Dir(path))
+	if err != nil {
+		return nil, false, err
+	}
+	defer d.Close()
+	f, err := d.OpenFile(filepath.Base(path))
+	if err != nil {
+		return nil, false, err
+	}
+	defer f.Close()
+	fd := int(f.Fd())
 	data := make([]byte, 20)
-	n, err := unix.Getxattr(path, "security.capability", data)
+	n, err := unix.Fgetxattr(fd, attr, data)
+	var prev []byte // nil: there was none
 	switch {
 	case err == nil && n >= 12:
 		data = data[:n]
+		prev = append([]byte(nil), data...)
 	case err == nil || errors.Is(err, unix.ENODATA):
 		data = make([]byte, 20)
 	default:
-		return false, fmt.Errorf("read security.capability: %w", err)
+		return nil, false, fmt.Errorf("read %s: %w", attr, err)
 	}
 	magic := binary.LittleEndian.Uint32(data[0:4])
 	permitted := binary.LittleEndian.Uint32(data[4:8])
 	if magic&effective != 0 && permitted&(1<<capNetBindService) != 0 {
-		return false, nil
+		return nil, false, nil
 	}
 	out := make([]byte, 20)
 	copy(out, data)
 	binary.LittleEndian.PutUint32(out[0:4], revision2|effective)
 	binary.LittleEndian.PutUint32(out[4:8], permitted|1<<capNetBindService)
-	if err := unix.Setxattr(path, "security.capability", out, 0); err != nil {
-		return false, fmt.Errorf("write security.capability: %w", err)
+	if err := unix.Fsetxattr(fd, attr, out, 0); err != nil {
+		return nil, false, fmt.Errorf("write %s: %w", attr, err)
 	}
-	return true, nil
+	ino := fileID(f)
+	undo = func() error {
+		d, err := certs.OpenDir(filepath.Dir(path))
+		if err != nil {
+			return err
+		}
+		defer d.Close()
+		f, err := d.OpenFile(filepath.Base(path))
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if fileID(f) != ino {
+			return nil // replaced since: the capability went with the old file
+		}
+		if prev == nil {
+			err = unix.Fremovexattr(int(f.Fd()), attr)
+		} else {
+			err = unix.Fsetxattr(int(f.Fd()), attr, prev, 0)
+		}
+		if err != nil {
+			return fmt.Errorf("put back %s of %s: %w", attr, path, err)
+		}
+		return nil
+	}
+	return undo, true, nil
+}
+
+// fileID identifies an open file by device and inode.
+func fileID(f *os.File) [2]uint64 {
+	var st unix.Stat_t
+	if unix.Fstat(int(f.Fd()), &st) != nil {
+		return [2]uint64{}
+	}
+	return [2]uint64{st.Dev, st.Ino}
 }

@@ -91,7 +91,54 @@ func loadJournal(stateDir string) (*journal, error) {
 	if err := json.Unmarshal(data, j); err != nil {
 		return nil, fmt.Errorf("journal %q is corrupt (%w); inspect it, then remove it to continue", filepath.Join(stateDir, journalName), err)
 	}
+	if err := j.validate(); err != nil {
+		return nil, refused(fmt.Errorf("journal %q: %w; inspect it, then remove it to continue", filepath.Join(stateDir, journalName), err))
+	}
 	return j, nil
+}
+
+// validate checks that the journal only names what a push may touch: its
+// backups in a directory of the state directory's backups/, and plain file
+// names in its destination. Recovery also checks that the destination and
+// the config are the current run's (see matches).
+func (j *journal) validate() error {
+	if j.Version != journalVersion {
+		return fmt.Errorf("version %d, this mmtls writes version %d", j.Version, journalVersion)
+	}
+	root := filepath.Join(j.dir, "backups")
+	if j.BackupDir != filepath.Clean(j.BackupDir) || filepath.Dir(j.BackupDir) != root {
+		return fmt.Errorf("backup directory %q is not in %s", j.BackupDir, root)
+	}
+	if !filepath.IsAbs(j.DestDir) || !filepath.IsAbs(j.ConfigPath) {
+		return fmt.Errorf("destination %q or config %q is not an absolute path", j.DestDir, j.ConfigPath)
+	}
+	for _, f := range j.Files {
+		if !plainName(f.Name) {
+			return fmt.Errorf("file name %q is not a plain name", f.Name)
+		}
+		if f.Path != "" && f.Path != filepath.Join(j.DestDir, f.Name) {
+			return fmt.Errorf("file %q is not in the destination %s", f.Path, j.DestDir)
+		}
+		if p := f.Previous; p != nil && p.Backup != "" && p.Backup != filepath.Join(j.BackupDir, f.Name) {
+			return fmt.Errorf("backup %q of %s is not in %s", p.Backup, f.Name, j.BackupDir)
+		}
+	}
+	if j.ConfigBackup != "" && j.ConfigBackup != filepath.Join(j.BackupDir, "config.json") {
+		return fmt.Errorf("config backup %q is not in %s", j.ConfigBackup, j.BackupDir)
+	}
+	return nil
+}
+
+// matches refuses to recover a journal written for another destination or
+// config than the current run's: whatever wrote it, recovery only ever
+// touches what this run would.
+func (j *journal) matches(destDir, configPath string) error {
+	if j.DestDir != destDir || j.ConfigPath != configPath {
+		return refused(fmt.Errorf("journal %q is for destination %s and config %s, this run's are %s and %s; "+
+			"run mmtls with the settings of the interrupted push to finish it, or inspect the journal and remove it",
+			filepath.Join(j.dir, journalName), j.DestDir, j.ConfigPath, destDir, configPath))
+	}
+	return nil
 }
 
 // filesToRestore completes the journal's file list: backups are all written

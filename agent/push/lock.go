@@ -75,13 +75,18 @@ func (l *fileLock) release() error {
 	return l.f.Close()
 }
 
-// stateDir makes sure dir exists and is root's alone: created 0700 if
-// missing; refused if a symlink, not a directory, or writable by anyone but
-// its root owner. The backups and the lock live there, so the mattermost
-// user must not be able to touch it.
+// stateDir makes sure dir exists and is root's alone, and so is every
+// directory on its path: created 0700 if missing; refused if a symlink, not
+// a directory, or writable by anyone but its root owner. The backups, the
+// journal and the lock live there: a user who could rename any directory
+// on the way (a state dir under the mattermost user's tree) could swap in
+// a journal of their own, which root would act on.
 func stateDir(dir string) error {
 	if !filepath.IsAbs(dir) {
 		return usageErr(fmt.Errorf("--state-dir %q: must be an absolute path", dir))
+	}
+	if err := trustedPath(filepath.Dir(dir), "--state-dir "+dir); err != nil {
+		return err
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("create state directory: %w", err)
@@ -97,6 +102,52 @@ func stateDir(dir string) error {
 		return refused(fmt.Errorf("state directory %q is owned by uid %d; it must be owned by uid %d (the user running mmtls)", dir, st.Uid, os.Geteuid()))
 	case st.Mode&0o022 != 0:
 		return refused(fmt.Errorf("state directory %q has mode %04o; it must not be writable by group or others (chmod 700 %s)", dir, st.Mode&0o7777, dir))
+	}
+	return nil
+}
+
+// trustedPath checks that no one but root can change what path names: each
+// existing directory on it, from /, is root's and writable by no one else
+// (or sticky, as /tmp, where others cannot rename root's entries), and each
+// symlink on it is root's and leads to such a path. Missing components are
+// fine: root creates them.
+func trustedPath(path, what string) error {
+	cur := "/"
+	for _, part := range strings.Split(strings.Trim(filepath.Clean(path), "/"), "/") {
+		if part == "" {
+			continue
+		}
+		next := filepath.Join(cur, part)
+		var st unix.Stat_t
+		if err := unix.Lstat(next, &st); err != nil {
+			if err == unix.ENOENT {
+				return nil
+			}
+			return fmt.Errorf("%s: %w", what, &os.PathError{Op: "lstat", Path: next, Err: err})
+		}
+		if st.Uid != 0 {
+			return refused(fmt.Errorf("%s: %q is owned by uid %d; every directory on the path of mmtls's state must be root's, "+
+				"or that user could swap in a journal root acts on", what, next, st.Uid))
+		}
+		switch st.Mode & unix.S_IFMT {
+		case unix.S_IFLNK:
+			target, err := filepath.EvalSymlinks(next)
+			if err != nil {
+				return fmt.Errorf("%s: %w", what, err)
+			}
+			if err := trustedPath(target, what); err != nil {
+				return err
+			}
+			next = target
+		case unix.S_IFDIR:
+			if st.Mode&0o022 != 0 && st.Mode&unix.S_ISVTX == 0 {
+				return refused(fmt.Errorf("%s: %q has mode %04o: others can rename what is in it; put mmtls's state under a directory only root can write",
+					what, next, st.Mode&0o7777))
+			}
+		default:
+			return refused(fmt.Errorf("%s: %q is not a directory", what, next))
+		}
+		cur = next
 	}
 	return nil
 }

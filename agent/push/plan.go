@@ -49,9 +49,20 @@ func (p *Pusher) prepare(ctx context.Context, o Options) (*plan, error) {
 		return nil, refused(err)
 	}
 	res.Config = ConfigResult{Path: pl.loc.Path, Origin: pl.loc.Origin}
+	pl.uid, pl.gid, err = lookupOwner(o.Owner, o.Group)
+	if err != nil {
+		return nil, refused(err)
+	}
 	pl.cfgDoc, pl.cfgState, err = readConfig(pl.loc.Path)
 	if err != nil {
 		return nil, refused(err)
+	}
+	if pl.loc.Untrusted && pl.cfgState.UID != pl.uid {
+		// MM_CONFIG came from a file the mattermost user can change: it
+		// must not make root edit a file that is not the mattermost user's.
+		return nil, refused(fmt.Errorf("mattermost config %q, named by %s, is owned by uid %d, not by %s (uid %d): "+
+			"a file that %s can change may only point mmtls at the mattermost user's own config; set MM_CONFIG in a root-owned file, or pass --mm-config",
+			pl.loc.Path, pl.loc.Origin, pl.cfgState.UID, o.Owner, pl.uid, o.Owner))
 	}
 
 	host, err := siteHost(pl, env)
@@ -60,10 +71,6 @@ func (p *Pusher) prepare(ctx context.Context, o Options) (*plan, error) {
 	}
 	pl.host = host
 
-	pl.uid, pl.gid, err = lookupOwner(o.Owner, o.Group)
-	if err != nil {
-		return nil, refused(err)
-	}
 	res.Owner = fmt.Sprintf("%s:%s (%d:%d)", o.Owner, groupName(o.Group, pl.gid), pl.uid, pl.gid)
 	res.Mode = fmt.Sprintf("%04o", certs.DefaultMode)
 
@@ -105,7 +112,7 @@ func (p *Pusher) prepare(ctx context.Context, o Options) (*plan, error) {
 	}
 	res.Config.Changes = changes
 	for _, c := range changes {
-		if c.Key == "ServiceSettings.UseLetsEncrypt" {
+		if c.Key == "ServiceSettings.UseLetsEncrypt" && string(c.Old) == "true" {
 			res.Warnings = append(res.Warnings, certs.Warning{Code: "letsencrypt-off",
 				Message: "ServiceSettings.UseLetsEncrypt was on; it is turned off, since Mattermost ignores TLSCertFile and TLSKeyFile while it is on"})
 		}

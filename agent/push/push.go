@@ -310,7 +310,7 @@ func (p *Pusher) apply(ctx context.Context, pl *plan) error {
 	if listen == "" {
 		listen = mmconfig.DefaultListenAddress
 	}
-	note, warns, err := p.bindPrivilege(ctx, o, listen, pl.uid, pl.env.Unit)
+	note, undoBind, warns, err := p.bindPrivilege(ctx, o, listen, pl.uid, pl.env.Unit)
 	for _, w := range warns {
 		log.Warn(w)
 		res.Warnings = append(res.Warnings, certs.Warning{Code: "bind-privilege", Message: w})
@@ -320,6 +320,13 @@ func (p *Pusher) apply(ctx context.Context, pl *plan) error {
 	}
 	res.BindPrivilege = note
 	if err := p.restartAndVerify(ctx, o, pl.newExp, res); err != nil {
+		if undoBind != nil {
+			// The capability was given for the new state; the old one
+			// did without it.
+			if uerr := undoBind(); uerr != nil {
+				log.Warn("could not take back the bind capability", "err", uerr)
+			}
+		}
 		return p.rollback(ctx, j, err, true)
 	}
 	return j.finish()

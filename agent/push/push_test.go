@@ -146,7 +146,7 @@ func TestSetBindCapability(t *testing.T) {
 	fixture.RequireRoot(t)
 	bin := filepath.Join(t.TempDir(), "mattermost")
 	os.WriteFile(bin, []byte("#!/bin/sh\n"), 0o755)
-	changed, err := setBindCapability(bin)
+	undo, changed, err := setBindCapability(bin)
 	if errors.Is(err, unix.ENOTSUP) || errors.Is(err, unix.EOPNOTSUPP) {
 		t.Skipf("file system has no file capabilities: %v", err)
 	}
@@ -162,8 +162,43 @@ func TestSetBindCapability(t *testing.T) {
 	if n != 20 || buf[3] != 0x02 || buf[0]&1 != 1 || buf[5]&(1<<2) == 0 {
 		t.Errorf("security.capability = % x", buf[:n])
 	}
-	if changed, err := setBindCapability(bin); err != nil || changed {
+	if _, changed, err := setBindCapability(bin); err != nil || changed {
 		t.Errorf("second call = %v, %v; want no change", changed, err)
+	}
+	// A rollback takes it back.
+	if err := undo(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := unix.Getxattr(bin, "security.capability", buf); !errors.Is(err, unix.ENODATA) {
+		t.Errorf("after undo: %v, want no capability", err)
+	}
+}
+
+// The mattermost user owns bin/: a link planted in place of the binary must
+// not make root give another program (python3, here) the capability.
+func TestSetBindCapabilityRefusesPlantedLinks(t *testing.T) {
+	fixture.RequireRoot(t)
+	victim := filepath.Join(t.TempDir(), "python3")
+	if err := os.WriteFile(victim, []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, kind := range []string{"symlink", "hardlink"} {
+		t.Run(kind, func(t *testing.T) {
+			bin := filepath.Join(t.TempDir(), "mattermost")
+			link := os.Symlink
+			if kind == "hardlink" {
+				link = os.Link
+			}
+			if err := link(victim, bin); err != nil {
+				t.Fatal(err)
+			}
+			if _, _, err := setBindCapability(bin); !errors.Is(err, certs.ErrUntrustedFile) {
+				t.Errorf("setBindCapability through a %s = %v, want ErrUntrustedFile", kind, err)
+			}
+			if _, err := unix.Getxattr(victim, "security.capability", make([]byte, 64)); !errors.Is(err, unix.ENODATA) {
+				t.Errorf("the link's target got a capability (%v)", err)
+			}
+		})
 	}
 }
 

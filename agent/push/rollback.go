@@ -1,6 +1,7 @@
 package push
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/mmtls/mmtls/certs"
+	"github.com/mmtls/mmtls/mmconfig"
 )
 
 // rollbackSlack is the rollback's time beyond a restart and a
@@ -88,7 +90,10 @@ func restoreConfig(j *journal) error {
 	defer d.Close()
 	name := filepath.Base(j.ConfigPath)
 	attrs := j.ConfigAttrs
-	if _, st, err := d.ReadFile(name, maxConfigSize); err == nil {
+	if cur, st, err := d.ReadFile(name, maxConfigSize); err == nil {
+		if bytes.Equal(cur, data) {
+			return nil // never written (the write failed), or already put back
+		}
 		attrs = st.FileAttrs // Mattermost may have rewritten it since
 	}
 	if err := d.WriteFile(name, data, attrs); err != nil {
@@ -106,6 +111,17 @@ func restoreConfig(j *journal) error {
 func (p *Pusher) recoverInterrupted(ctx context.Context, cur Options) (string, error) {
 	j, err := loadJournal(cur.StateDir)
 	if err != nil || j == nil {
+		return "", err
+	}
+	env, err := mmconfig.LoadServiceEnv(cur.Service+".service", p.UnitDirs)
+	if err != nil {
+		return "", refused(fmt.Errorf("recover an interrupted push: read the %s service's environment: %w", cur.Service, err))
+	}
+	loc, err := mmconfig.Locate(cur.MMConfig, env, cur.MattermostDir)
+	if err != nil {
+		return "", refused(fmt.Errorf("recover an interrupted push: %w", err))
+	}
+	if err := j.matches(cur.DestDir, loc.Path); err != nil {
 		return "", err
 	}
 	o := j.Options

@@ -1,4 +1,12 @@
 #!/bin/sh
+# On purge (Debian: "purge"; RPM has none, an erase is "0"), remove the
+# state directory: it holds backups of earlier private keys, which must not
+# outlive the package. A plain remove keeps it, as it keeps the config.
+case "$1" in
+purge)
+	rm -rf /var/lib/mmtls
+	;;
+esac
 if [ -d /run/systemd/system ]; then
 	systemctl daemon-reload >/dev/null 2>&1 || true
 fi
