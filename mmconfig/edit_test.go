@@ -76,12 +76,21 @@ func assertOnlyOwnedChanged(t *testing.T, before, after []byte) {
 		if err := json.Unmarshal(doc, &m); err != nil {
 			t.Fatalf("decode: %v", err)
 		}
-		if ss, ok := m[Section].(map[string]any); ok {
-			for _, k := range OwnedKeys() {
-				delete(ss, strings.TrimPrefix(k, Section+"."))
+		// Keys match ignoring case, as Mattermost decodes them.
+		for sec, v := range m {
+			ss, ok := v.(map[string]any)
+			if !ok || !strings.EqualFold(sec, Section) {
+				continue
+			}
+			for k := range ss {
+				for _, owned := range OwnedKeys() {
+					if strings.EqualFold(k, strings.TrimPrefix(owned, Section+".")) {
+						delete(ss, k)
+					}
+				}
 			}
 			if len(ss) == 0 {
-				delete(m, Section)
+				delete(m, sec)
 			}
 		}
 		return m
@@ -89,10 +98,18 @@ func assertOnlyOwnedChanged(t *testing.T, before, after []byte) {
 	if a, b := strip(before), strip(after); !reflect.DeepEqual(a, b) {
 		t.Errorf("keys other than the owned ones changed:\nbefore %v\nafter  %v", a, b)
 	}
-	var m struct{ ServiceSettings map[string]any }
+	var m struct {
+		ServiceSettings struct {
+			ListenAddress, ConnectionSecurity, TLSCertFile, TLSKeyFile, SiteURL any
+			UseLetsEncrypt                                                      any
+		}
+	}
 	json.Unmarshal(after, &m)
+	got := map[string]any{"ListenAddress": m.ServiceSettings.ListenAddress, "ConnectionSecurity": m.ServiceSettings.ConnectionSecurity,
+		"TLSCertFile": m.ServiceSettings.TLSCertFile, "TLSKeyFile": m.ServiceSettings.TLSKeyFile, "SiteURL": m.ServiceSettings.SiteURL,
+		"UseLetsEncrypt": m.ServiceSettings.UseLetsEncrypt}
 	for _, s := range testTLS.Settings() {
-		if got := m.ServiceSettings[s.Key]; !reflect.DeepEqual(got, s.Value) {
+		if got := got[s.Key]; !reflect.DeepEqual(got, s.Value) {
 			t.Errorf("%s = %v, want %v", s.Name(), got, s.Value)
 		}
 	}
