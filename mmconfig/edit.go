@@ -135,7 +135,11 @@ func set(doc []byte, section, key string, raw []byte) ([]byte, json.RawMessage, 
 			last := lastObj.members[len(lastObj.members)-1]
 			sep = string(doc[last.keyEnd:last.valStart])
 		}
-		edits = append(edits, lastObj.insertSpan(doc, fmt.Sprintf("%q%s%s", key, sep, raw)))
+		spelling := key
+		if len(members) > 0 {
+			spelling = members[0].key // one spelling, the one already there
+		}
+		edits = append(edits, lastObj.insertSpan(doc, fmt.Sprintf("%q%s%s", spelling, sep, raw)))
 	}
 	if len(edits) == 0 {
 		return doc, old, false, nil
