@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -15,6 +17,7 @@ import (
 	"github.com/BurntSushi/toml"
 	"github.com/mmtls/mmtls/agent/balance"
 	"github.com/mmtls/mmtls/agent/push"
+	"github.com/mmtls/mmtls/mmconfig"
 )
 
 // DefaultConfigFile is where the agent's config file lives.
@@ -280,4 +283,42 @@ func (c *Config) Effective() *Config {
 		e.Metrics.Listen = m
 	}
 	return &e
+}
+
+// WritablePaths lists the directories outside its own state directory that
+// the agent writes, as the config names them: where the pair is installed,
+// Mattermost's config.json's directory, a state directory other than the
+// default one, and the systemd drop-in directory (the bind privilege). The
+// service unit makes exactly these writable.
+func (c *Config) WritablePaths(unitDirs []string) []string {
+	o := c.Push.WithDefaults()
+	var out []string
+	add := func(p string) {
+		if p != "" && filepath.IsAbs(p) && !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	add(o.DestDir)
+	cfg := o.MMConfig
+	if cfg == "" {
+		if env, err := mmconfig.LoadServiceEnv(o.Service+".service", unitDirs); err == nil {
+			if v, ok := env.Lookup("MM_CONFIG"); ok {
+				cfg = v.Value
+			}
+		}
+	}
+	if cfg == "" {
+		cfg = filepath.Join(o.MattermostDir, "config", "config.json")
+	}
+	if !strings.Contains(cfg, "://") {
+		add(filepath.Dir(cfg))
+	}
+	if o.StateDir != push.DefaultStateDir {
+		add(o.StateDir)
+	}
+	if unitDirs == nil {
+		unitDirs = mmconfig.DefaultUnitDirs()
+	}
+	add(unitDirs[0])
+	return out
 }

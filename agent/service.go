@@ -105,6 +105,7 @@ type Agent struct {
 	unitDirs []string
 	clock    clock.Clock
 	metrics  *Metrics // lives as long as the Agent, across reloads
+	ready    func()   // or nil
 
 	mu       sync.Mutex
 	settings Settings         // in force; guarded by mu
@@ -123,11 +124,14 @@ type AgentConfig struct {
 	// Clock drives the watch loop and the cluster lock. Nil means the
 	// system clock.
 	Clock clock.Clock
+	// Ready, if not nil, is called once the settings are loaded and the
+	// agent's parts are set up (NotifyReady under systemd).
+	Ready func()
 }
 
 // NewAgent returns an agent that loads its settings with c.Load.
 func NewAgent(c AgentConfig) *Agent {
-	return &Agent{load: c.Load, log: logger(c.Logger), unitDirs: c.UnitDirs, clock: clock.Or(c.Clock), metrics: NewMetrics()}
+	return &Agent{load: c.Load, log: logger(c.Logger), unitDirs: c.UnitDirs, clock: clock.Or(c.Clock), metrics: NewMetrics(), ready: c.Ready}
 }
 
 // Metrics returns the agent's metrics, shared with its balancer.
@@ -184,6 +188,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	errc := make(chan error, len(runs))
 	for _, run := range runs {
 		go func() { errc <- run(ctx) }()
+	}
+	if a.ready != nil {
+		a.ready()
 	}
 	var first error
 	for range runs {

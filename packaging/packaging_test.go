@@ -32,14 +32,14 @@ func TestUnitRenders(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	unit, err := Unit{Binary: exe, Config: "/etc/mmtls/mmtls.toml", MattermostDir: "/srv/mattermost"}.Render()
+	unit, err := Unit{Binary: exe, Config: "/etc/mmtls/mmtls.toml", WritablePaths: []string{"/srv/mattermost/config"}}.Render()
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, want := range []string{
 		"ExecStart=" + exe + " run --config /etc/mmtls/mmtls.toml\n",
 		"Restart=on-failure\n", "RestartSec=5s\n", "TimeoutStopSec=12min\n",
-		"After=network-online.target\n", "ReadWritePaths=/srv/mattermost/config\n", "StateDirectory=mmtls\n", "RuntimeDirectory=mmtls\n", " CAP_NET_BIND_SERVICE\n",
+		"After=network-online.target\n", "ReadWritePaths=-/srv/mattermost/config\n", "Type=notify\n", "RestartPreventExitStatus=2 3\n", "StateDirectory=mmtls\n", "RuntimeDirectory=mmtls\n", " CAP_NET_BIND_SERVICE\n",
 	} {
 		if !strings.Contains(unit, want) {
 			t.Errorf("unit lacks %q:\n%s", want, unit)
@@ -49,7 +49,7 @@ func TestUnitRenders(t *testing.T) {
 	if agent.DefaultStopTimeout >= 12*time.Minute {
 		t.Errorf("TimeoutStopSec=12min does not cover agent.DefaultStopTimeout %s", agent.DefaultStopTimeout)
 	}
-	if _, err := (Unit{Binary: "mmtls", Config: "/etc/mmtls/mmtls.toml", MattermostDir: "/opt/mattermost"}).Render(); err == nil {
+	if _, err := (Unit{Binary: "mmtls", Config: "/etc/mmtls/mmtls.toml", WritablePaths: []string{"/opt/mattermost/config"}}).Render(); err == nil {
 		t.Error("relative binary accepted")
 	}
 

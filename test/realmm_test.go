@@ -22,6 +22,33 @@ import (
 func newRealNode(t *testing.T) *node {
 	t.Helper()
 	ctx := context.Background()
+	tree, listen := newRealTree(t)
+	n := &node{t: t, tree: tree, listen: listen}
+	if err := tree.RunCtl(ctx, standinBin, "start"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := tree.RunCtl(context.Background(), standinBin, "stop"); err != nil {
+			t.Errorf("stop mattermost: %v", err)
+		}
+		if t.Failed() {
+			log := tree.ServiceLog()
+			if len(log) > 8000 {
+				log = log[len(log)-8000:]
+			}
+			t.Logf("mattermost log (tail):\n%s", log)
+		}
+	})
+	waitForReal(t, n, listen)
+	return n
+}
+
+// newRealTree lays out a real Mattermost server's install, configured for
+// a private PostgreSQL (started here) and plain HTTP on a loopback port, and
+// starts nothing else.
+func newRealTree(t *testing.T) (*fixture.Tree, string) {
+	t.Helper()
+	ctx := context.Background()
 	srv, err := fixture.MattermostServer(ctx, t.Logf)
 	if err != nil {
 		t.Fatalf("real Mattermost server: %v", err)
@@ -75,24 +102,7 @@ func newRealNode(t *testing.T) *node {
 	}
 	os.Chown(tree.ConfigPath, mmUID, mmGID)
 	tree.Exec = filepath.Join(tree.MattermostDir, "bin", "mattermost")
-	n := &node{t: t, tree: tree, listen: listen}
-	if err := tree.RunCtl(ctx, standinBin, "start"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := tree.RunCtl(context.Background(), standinBin, "stop"); err != nil {
-			t.Errorf("stop mattermost: %v", err)
-		}
-		if t.Failed() {
-			log := tree.ServiceLog()
-			if len(log) > 8000 {
-				log = log[len(log)-8000:]
-			}
-			t.Logf("mattermost log (tail):\n%s", log)
-		}
-	})
-	waitForReal(t, n, listen)
-	return n
+	return tree, listen
 }
 
 func waitForReal(t *testing.T, n *node, addr string) {

@@ -40,13 +40,44 @@ func TestConfigCheck(t *testing.T) {
 	}
 }
 
+// install reads the config first: a missing or invalid one is refused and
+// nothing is written; the unit makes the config's own paths writable.
+func TestServiceInstallChecksConfig(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "mmtls.toml")
+	code, _, stderr := runArgs("service", "install", "--config", missing, "--platform", "systemd", "--binary", "/usr/bin/mmtls")
+	if code != exitUsage || !strings.Contains(stderr, missing) {
+		t.Errorf("missing config: exit %d: %s", code, stderr)
+	}
+	if _, err := os.Stat("/etc/systemd/system/mmtls.service"); err == nil {
+		t.Log("note: a unit exists on this machine already")
+	}
+	noSource := writeConfig(t, "[push]\nmattermost_dir = \"/srv/mm\"\n")
+	if code, _, stderr := runArgs("service", "install", "--dry-run", "--config", noSource); code != exitUsage || !strings.Contains(stderr, "source.cert") {
+		t.Errorf("config without a source: exit %d: %s", code, stderr)
+	}
+	elsewhere := writeConfig(t, "[source]\ncert = \"/etc/le/c.pem\"\nkey = \"/etc/le/k.pem\"\n[push]\nmattermost_dir = \"/srv/mm\"\nstate_dir = \"/srv/mmtls-state\"\nmm_config = \"/etc/mattermost/config.json\"\n")
+	code, out, stderr := runArgs("service", "install", "--dry-run", "--config", elsewhere, "--binary", "/usr/bin/mmtls")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	for _, want := range []string{"ReadWritePaths=-/srv/mm/config\n", "ReadWritePaths=-/etc/mattermost\n", "ReadWritePaths=-/srv/mmtls-state\n",
+		"ReadWritePaths=-/etc/systemd/system\n", "Type=notify\n", "RestartPreventExitStatus=2 3\n"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("unit lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "ReadWritePaths=-/opt/mattermost") {
+		t.Errorf("unit names /opt/mattermost for a config that does not:\n%s", out)
+	}
+}
+
 func TestServiceInstallDryRun(t *testing.T) {
 	path := writeConfig(t, packaging.ExampleConfig+"\n")
 	code, out, stderr := runArgs("service", "install", "--dry-run", "--config", path, "--binary", "/usr/bin/mmtls")
 	if code != 0 {
 		t.Fatalf("exit %d: %s", code, stderr)
 	}
-	if !strings.Contains(out, "ExecStart=/usr/bin/mmtls run --config "+path+"\n") || !strings.Contains(out, "ReadWritePaths=/opt/mattermost/config\n") {
+	if !strings.Contains(out, "ExecStart=/usr/bin/mmtls run --config "+path+"\n") || !strings.Contains(out, "ReadWritePaths=-/opt/mattermost/config\n") {
 		t.Errorf("unit:\n%s", out)
 	}
 	if code, _, stderr := runArgs("service", "stop", "--dry-run"); code != exitUsage || !strings.Contains(stderr, "--dry-run goes with install") {

@@ -65,9 +65,15 @@ func (af *agentFlags) settings(f *pflag.FlagSet) (agent.Settings, error) {
 	return s, nil
 }
 
-// newAgent returns the agent that af's flags and config file describe.
+// newAgent returns the agent that af's flags and config file describe. It
+// tells systemd when it is ready (Type=notify; nothing elsewhere).
 func (af *agentFlags) newAgent(f *pflag.FlagSet, a *app) *agent.Agent {
-	return agent.NewAgent(agent.AgentConfig{Logger: a.log, Load: func() (agent.Settings, error) { return af.settings(f) }})
+	return agent.NewAgent(agent.AgentConfig{Logger: a.log, Load: func() (agent.Settings, error) { return af.settings(f) },
+		Ready: func() {
+			if err := agent.NotifyReady(); err != nil {
+				a.log.Warn("could not tell systemd the agent is ready", "err", err)
+			}
+		}})
 }
 
 func newWatchCmd(a *app) *cobra.Command {

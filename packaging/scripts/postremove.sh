@@ -5,6 +5,12 @@
 case "$1" in
 purge)
 	rm -rf /var/lib/mmtls
+	# What `mmtls service install` wrote beside the package's unit.
+	rm -f /etc/systemd/system/mmtls.service.d/50-mmtls-install.conf
+	rmdir /etc/systemd/system/mmtls.service.d 2>/dev/null || true
+	if grep -qs 'Rendered by `mmtls service install`' /etc/systemd/system/mmtls.service; then
+		rm -f /etc/systemd/system/mmtls.service
+	fi
 	;;
 esac
 if [ -d /run/systemd/system ]; then
