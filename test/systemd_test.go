@@ -70,7 +70,16 @@ func labRun(t *testing.T, lab *systemdlab.Lab, name string, args ...string) stri
 // runs); a broken config fails `service start` with the agent's own words,
 // and is not restarted in a loop.
 func TestAgentServiceUnderSystemd(t *testing.T) {
-	lab := bootLab(t, systemdlab.Options{})
+	src := t.TempDir()
+	os.Chmod(src, 0o755)
+	pair, err := fixture.WritePair(src, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fixture.Roots(filepath.Join(src, "roots.pem"), pair); err != nil {
+		t.Fatal(err)
+	}
+	lab := bootLab(t, systemdlab.Options{Binds: []string{src + ":/srv/src"}})
 	mmtls := labBin + "/mmtls"
 	ctx := context.Background()
 
@@ -82,9 +91,12 @@ func TestAgentServiceUnderSystemd(t *testing.T) {
 		t.Fatal("a unit was written for a missing config")
 	}
 
-	labRun(t, lab, "mkdir", "-p", "/srv/mm/config", "/srv/src")
-	conf := "[source]\ncert = \"/srv/src/fullchain.pem\"\nkey = \"/srv/src/privkey.pem\"\n\n" +
-		"[push]\nmattermost_dir = \"/srv/mm\"\nrestart_command = \"true\"\n\n[cluster]\nmode = \"off\"\n"
+	// Mattermost elsewhere than /opt/mattermost; nothing answers there, so
+	// the push installs, fails verification and rolls back: what matters
+	// is that the hardened unit lets it write there.
+	labRun(t, lab, "sh", "-c", `mkdir -p /srv/mm/config && echo '{"ServiceSettings": {"SiteURL": "https://`+fixture.SiteHost+`", "ListenAddress": "127.0.0.1:1"}}' > /srv/mm/config/config.json`)
+	conf := fmt.Sprintf("[source]\ncert = \"/srv/src/%s\"\nkey = \"/srv/src/%s\"\n\n", filepath.Base(pair.CertFile), filepath.Base(pair.KeyFile)) +
+		"[push]\nmattermost_dir = \"/srv/mm\"\nca_file = \"/srv/src/roots.pem\"\nlisten = \"127.0.0.1:1\"\nrestart_command = \"true\"\nverify_timeout = \"1s\"\n\n[cluster]\nmode = \"off\"\n"
 	labRun(t, lab, "sh", "-c", "mkdir -p /etc/mmtls && printf '%s' \"$1\" > /etc/mmtls/mmtls.toml && chmod 600 /etc/mmtls/mmtls.toml", "sh", conf)
 	labRun(t, lab, mmtls, "service", "install", "--config", "/etc/mmtls/mmtls.toml")
 	unit := labRun(t, lab, "cat", "/etc/systemd/system/mmtls.service")
@@ -97,6 +109,13 @@ func TestAgentServiceUnderSystemd(t *testing.T) {
 	if st := labRun(t, lab, "systemctl", "is-active", "mmtls"); strings.TrimSpace(st) != "active" {
 		t.Fatalf("after start: %s", st)
 	}
+	waitFor(t, time.Minute, func() error {
+		j := labRun(t, lab, "journalctl", "-u", "mmtls", "--no-pager", "-o", "cat")
+		if !strings.Contains(j, "installed certificate and key") || !strings.Contains(j, "rolled back") {
+			return fmt.Errorf("the agent has not installed and rolled back yet:\n%s", j)
+		}
+		return nil
+	})
 
 	// Break the config: start must fail and say why; no restart loop.
 	labRun(t, lab, "sh", "-c", "echo 'quiet = \"soon\"' >> /etc/mmtls/mmtls.toml")
