@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/mmtls/mmtls/agent/clock"
+	"github.com/mmtls/mmtls/agent/clusterdb"
 	"github.com/mmtls/mmtls/agent/push"
 	"github.com/mmtls/mmtls/certs"
 	"github.com/mmtls/mmtls/mmconfig"
@@ -104,7 +105,7 @@ func (l *PostgresLock) Acquire(ctx context.Context) (func(), error) {
 // lock connects and blocks in pg_advisory_lock until it is granted or ctx ends.
 func (l *PostgresLock) lock(ctx context.Context) (*pgx.Conn, error) {
 	cctx, cancel := context.WithTimeout(ctx, lockConnectTimeout)
-	conn, err := connect(cctx, l.DSN)
+	conn, err := clusterdb.Connect(cctx, l.DSN)
 	cancel()
 	if err != nil {
 		return nil, fmt.Errorf("connect to the cluster database: %w", err)
@@ -197,7 +198,7 @@ func NewRestartLock(c ClusterConfig, o push.Options, unitDirs []string, log *slo
 		log.Warn("not using the cluster database: nodes restart after a random splay", "err", err)
 		return &SplayLock{Splay: splayMax, Logger: log}, nil
 	}
-	return &PostgresLock{DSN: pgxDSN(dsn), Wait: wait, Splay: splayMax, Logger: log, Metrics: m}, nil
+	return &PostgresLock{DSN: clusterdb.NormalizeDSN(dsn), Wait: wait, Splay: splayMax, Logger: log, Metrics: m}, nil
 }
 
 // dsnFileParams are the parameters of a PostgreSQL DSN that name files the
@@ -231,32 +232,6 @@ func checkDSNFiles(dsn string) error {
 	return nil
 }
 
-// connect is pgx.Connect bounded by ctx, whatever the driver does before it
-// looks at ctx (it reads the DSN's files first): if ctx ends first, the
-// attempt is abandoned and its connection closed when it completes.
-func connect(ctx context.Context, dsn string) (*pgx.Conn, error) {
-	type result struct {
-		c   *pgx.Conn
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		c, err := pgx.Connect(ctx, dsn)
-		ch <- result{c, err}
-	}()
-	select {
-	case r := <-ch:
-		return r.c, r.err
-	case <-ctx.Done():
-		go func() {
-			if r := <-ch; r.c != nil {
-				r.c.Close(context.Background())
-			}
-		}()
-		return nil, ctx.Err()
-	}
-}
-
 // mattermostDatabase reads SqlSettings.DriverName and DataSource as
 // Mattermost sees them: the service environment wins over config.json.
 func mattermostDatabase(o push.Options, unitDirs []string) (driver, dsn string, err error) {
@@ -288,21 +263,6 @@ func mattermostDatabase(o push.Options, unitDirs []string) (driver, dsn string, 
 		driver = "postgres"
 	}
 	return driver, dsn, nil
-}
-
-// pgxDSN drops the lib/pq-only parameters Mattermost DSNs may carry, which
-// pgx would otherwise send to the server as settings.
-func pgxDSN(dsn string) string {
-	u, err := url.Parse(dsn)
-	if err != nil || u.RawQuery == "" {
-		return dsn
-	}
-	q := u.Query()
-	for _, k := range []string{"binary_parameters", "disable_prepared_binary_result"} {
-		q.Del(k)
-	}
-	u.RawQuery = q.Encode()
-	return u.String()
 }
 
 func logger(l *slog.Logger) *slog.Logger {

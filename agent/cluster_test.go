@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mmtls/mmtls/agent/clusterdb"
 	"github.com/mmtls/mmtls/agent/push"
 	"golang.org/x/sys/unix"
 )
@@ -60,8 +61,8 @@ func TestNewRestartLockModes(t *testing.T) {
 	if _, err := NewRestartLock(ClusterConfig{Mode: "raft"}, push.Options{}, nil, nil, nil); err == nil {
 		t.Error("unknown mode accepted")
 	}
-	if got := pgxDSN("postgres://u@h/db?sslmode=disable&binary_parameters=yes"); got != "postgres://u@h/db?sslmode=disable" {
-		t.Errorf("pgxDSN = %q", got)
+	if got := clusterdb.NormalizeDSN("postgres://u@h/db?sslmode=disable&binary_parameters=yes"); got != "postgres://u@h/db?sslmode=disable" {
+		t.Errorf("NormalizeDSN = %q", got)
 	}
 }
 
@@ -84,7 +85,7 @@ func TestNewRestartLockRefusesDSNFiles(t *testing.T) {
 	// Bounded even if the driver is handed one.
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
-	if _, err := connect(ctx, dsn); !errors.Is(err, context.DeadlineExceeded) {
+	if _, err := clusterdb.Connect(ctx, dsn); !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("connect = %v, want the deadline", err)
 	}
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 	"github.com/mmtls/mmtls/agent/balance"
+	"github.com/mmtls/mmtls/agent/clusterdb"
 	"github.com/mmtls/mmtls/agent/push"
 	"github.com/mmtls/mmtls/mmconfig"
 )
@@ -42,7 +43,13 @@ type Config struct {
 type SourceConfig struct {
 	Cert string `toml:"cert"` // such as /etc/letsencrypt/live/NAME/fullchain.pem
 	Key  string `toml:"key"`  // such as /etc/letsencrypt/live/NAME/privkey.pem
+	// From = "cluster" takes the pair from the cluster's database, where
+	// `mmtls publish` put it, instead of Cert and Key.
+	From string `toml:"from"`
 }
+
+// FromCluster reports whether the node follows the cluster's bundles.
+func (s SourceConfig) FromCluster() bool { return s.From == "cluster" }
 
 // ClusterConfig makes nodes of one cluster restart one at a time.
 type ClusterConfig struct {
@@ -56,6 +63,18 @@ type ClusterConfig struct {
 	// LockWait: 0 means DefaultLockWait. Splay: 0 means DefaultSplay.
 	LockWait time.Duration `toml:"lock_wait"`
 	Splay    time.Duration `toml:"splay"`
+	// KeyFile is the cluster key that seals published keys; "" means
+	// clusterdb.DefaultKeyFile.
+	KeyFile string `toml:"key_file"`
+	// Node names this node in the rollout; "" means the host name.
+	Node string `toml:"node"`
+	// Advertise is host:port where this node's Mattermost serves TLS as the
+	// balancer reaches it; "" means the push's listen address with this
+	// host's name.
+	Advertise string `toml:"advertise"`
+	// Publish makes the watch loop publish the source pair to the cluster
+	// instead of pushing it here (the host that holds the certificate).
+	Publish bool `toml:"publish"`
 }
 
 // WithDefaults returns c with its zero fields set to their defaults.
@@ -68,6 +87,9 @@ func (c ClusterConfig) WithDefaults() ClusterConfig {
 	}
 	if c.Splay == 0 {
 		c.Splay = DefaultSplay
+	}
+	if c.KeyFile == "" {
+		c.KeyFile = clusterdb.DefaultKeyFile
 	}
 	return c
 }
@@ -173,6 +195,16 @@ func (c *Config) validate() error {
 	default:
 		return bad("cluster.mode", "%q: want auto, postgres, splay or off", c.Cluster.Mode)
 	}
+	switch {
+	case c.Source.From != "" && !c.Source.FromCluster():
+		return bad("source.from", "%q: want \"cluster\" (or leave it out and name cert and key)", c.Source.From)
+	case c.Source.FromCluster() && (c.Source.Cert != "" || c.Source.Key != ""):
+		return bad("source.from", "\"cluster\" takes the pair from the cluster's database: remove source.cert and source.key")
+	case c.Source.FromCluster() && c.Cluster.Publish:
+		return bad("cluster.publish", "a node that takes its pair from the cluster cannot publish it")
+	case c.Cluster.Publish && (c.Source.Cert == "" || c.Source.Key == ""):
+		return bad("cluster.publish", "publishes the source pair: set source.cert and source.key")
+	}
 	if c.Watch.MaxRestartsPerHour < 0 {
 		return bad("watch.max_restarts_per_hour", "%d: must not be negative", c.Watch.MaxRestartsPerHour)
 	}
@@ -216,6 +248,8 @@ func (c *Config) validate() error {
 // service (mmtls run) has no flags to name it.
 func (c *Config) RequireSource(file string) error {
 	switch {
+	case c.Source.FromCluster():
+		return nil
 	case c.Source.Cert == "":
 		return &ConfigError{File: file, Key: "source.cert", Err: errors.New("is required: the certificate file the agent watches and pushes (such as certbot's live/NAME/fullchain.pem)")}
 	case c.Source.Key == "":

@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/mmtls/mmtls/agent/clusterdb"
 	"github.com/mmtls/mmtls/agent/passthrough"
 	"github.com/mmtls/mmtls/agent/push"
 )
@@ -36,6 +37,8 @@ type Metrics struct {
 	events       prometheus.Counter
 	lockWait     prometheus.Histogram
 	inconsistent prometheus.Gauge
+	bundleTime   prometheus.Gauge
+	rollout      *prometheus.GaugeVec
 }
 
 // NewMetrics makes the agent's metrics in a new registry.
@@ -61,7 +64,12 @@ func NewMetrics() *Metrics {
 		inconsistent: prometheus.NewGauge(prometheus.GaugeOpts{Name: "mmtls_source_inconsistent",
 			Help: "1 while the source pair has been unusable past watch.report_mismatch_after."}),
 	}
-	m.Registry.MustRegister(m.notAfter, m.pushes, m.restarts, m.rollbacks, m.verify, m.lastSuccess, m.events, m.lockWait, m.inconsistent)
+	m.bundleTime = prometheus.NewGauge(prometheus.GaugeOpts{Name: "mmtls_cluster_bundle_published_timestamp_seconds",
+		Help: "Unix time the cluster's current bundle was published (its age is time() minus this)."})
+	m.rollout = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mmtls_cluster_rollout_state",
+		Help: "1 for the state of the current bundle's rollout: rolling, complete or halted."}, []string{"state"})
+	m.Registry.MustRegister(m.notAfter, m.pushes, m.restarts, m.rollbacks, m.verify, m.lastSuccess, m.events, m.lockWait, m.inconsistent,
+		m.bundleTime, m.rollout)
 	return m
 }
 
@@ -90,6 +98,20 @@ func (m *Metrics) observePush(res *push.Result, err error) {
 		m.restarts.Inc()
 	}
 	m.pushes.WithLabelValues(result).Inc()
+}
+
+func (m *Metrics) bundleSeen(b *clusterdb.Bundle) {
+	if m == nil || b == nil {
+		return
+	}
+	m.bundleTime.Set(float64(b.PublishedAt.Unix()))
+	for _, st := range []string{clusterdb.StateRolling, clusterdb.StateComplete, clusterdb.StateHalted} {
+		v := 0.0
+		if st == b.State {
+			v = 1
+		}
+		m.rollout.WithLabelValues(st).Set(v)
+	}
 }
 
 func (m *Metrics) watchEvent() {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"reflect"
 	"sync"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"github.com/kardianos/service"
 	"github.com/mmtls/mmtls/agent/balance"
 	"github.com/mmtls/mmtls/agent/clock"
+	"github.com/mmtls/mmtls/agent/clusterdb"
 	"github.com/mmtls/mmtls/agent/push"
 )
 
@@ -86,6 +88,9 @@ type Settings struct {
 	Watch WatchOptions
 	// NoWatch runs the balancer alone: a config file without [source].
 	NoWatch bool
+	// FromCluster follows the cluster's published bundles instead of
+	// watching files ([source] from = "cluster").
+	FromCluster bool
 	// Cluster chooses how restarts are coordinated. Read at start only.
 	Cluster ClusterConfig
 	// MetricsListen, if set, serves Prometheus metrics there. Read at
@@ -106,6 +111,7 @@ type Agent struct {
 	clock    clock.Clock
 	metrics  *Metrics // lives as long as the Agent, across reloads
 	ready    func()   // or nil
+	version  string
 
 	mu       sync.Mutex
 	settings Settings         // in force; guarded by mu
@@ -127,11 +133,13 @@ type AgentConfig struct {
 	// Ready, if not nil, is called once the settings are loaded and the
 	// agent's parts are set up (NotifyReady under systemd).
 	Ready func()
+	// Version is reported to the cluster database.
+	Version string
 }
 
 // NewAgent returns an agent that loads its settings with c.Load.
 func NewAgent(c AgentConfig) *Agent {
-	return &Agent{load: c.Load, log: logger(c.Logger), unitDirs: c.UnitDirs, clock: clock.Or(c.Clock), metrics: NewMetrics(), ready: c.Ready}
+	return &Agent{load: c.Load, log: logger(c.Logger), unitDirs: c.UnitDirs, clock: clock.Or(c.Clock), metrics: NewMetrics(), ready: c.Ready, version: c.Version}
 }
 
 // Metrics returns the agent's metrics, shared with its balancer.
@@ -148,17 +156,12 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("nothing to run: the config has neither [source] nor [balance]: %w", push.ErrUsage)
 	}
 	var w *Watcher
+	var runs []func(context.Context) error
 	if !s.NoWatch {
-		lock, err := NewRestartLock(s.Cluster, s.Watch.Push, a.unitDirs, a.log, a.metrics)
-		if err != nil {
+		var err error
+		if w, runs, err = a.source(s); err != nil {
 			return err
 		}
-		if lock != nil {
-			a.log.Info("restarts are coordinated across the cluster", "with", lock.String())
-		}
-		p := &push.Pusher{Logger: a.log, UnitDirs: a.unitDirs, Cluster: lock, Clock: a.clock}
-		w = NewWatcher(p, a.log, a.metrics)
-		w.Clock = a.clock
 	}
 	var b *balance.Service
 	if s.Balance != nil {
@@ -178,7 +181,6 @@ func (a *Agent) Run(ctx context.Context) error {
 		defer wait()
 		defer cancel() // runs first: stops the server, then waits for it
 	}
-	var runs []func(context.Context) error
 	if w != nil {
 		runs = append(runs, func(ctx context.Context) error { return w.Run(ctx, s.Watch) })
 	}
@@ -200,6 +202,101 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	}
 	return first
+}
+
+// source sets up where pairs come from and where they go: the watch loop
+// pushing files here, the watch loop publishing them to the cluster, or the
+// follower taking the cluster's bundles.
+func (a *Agent) source(s Settings) (*Watcher, []func(context.Context) error, error) {
+	if s.Cluster.Publish || s.FromCluster {
+		store, key, err := OpenCluster(s.Cluster, s.Watch.Push, a.unitDirs, a.log)
+		if err != nil {
+			return nil, nil, err
+		}
+		if s.Cluster.Publish {
+			pub := &Publisher{Store: store, Key: key, By: hostname(), SiteURL: s.Watch.Push.SiteURL, CAFile: s.Watch.Push.CAFile, Logger: a.log, Clock: a.clock}
+			w := NewWatcher(pub, a.log, a.metrics)
+			w.Clock = a.clock
+			return w, nil, nil
+		}
+		lock, err := NewRestartLock(s.Cluster, s.Watch.Push, a.unitDirs, a.log, a.metrics)
+		if err != nil {
+			return nil, nil, err
+		}
+		c := s.Cluster.WithDefaults()
+		f := &Follower{Store: store, Key: key, Pusher: &push.Pusher{Logger: a.log, UnitDirs: a.unitDirs, Cluster: lock, Clock: a.clock},
+			Push: s.Watch.Push, Node: c.Node, Address: advertise(c.Advertise, s.Watch.Push), Reconcile: s.Watch.Reconcile,
+			Version: a.version, Logger: a.log, Metrics: a.metrics, Clock: a.clock}
+		if f.Node == "" {
+			f.Node = hostname()
+		}
+		return nil, []func(context.Context) error{f.Run}, nil
+	}
+	lock, err := NewRestartLock(s.Cluster, s.Watch.Push, a.unitDirs, a.log, a.metrics)
+	if err != nil {
+		return nil, nil, err
+	}
+	if lock != nil {
+		a.log.Info("restarts are coordinated across the cluster", "with", lock.String())
+	}
+	p := &push.Pusher{Logger: a.log, UnitDirs: a.unitDirs, Cluster: lock, Clock: a.clock}
+	w := NewWatcher(p, a.log, a.metrics)
+	w.Clock = a.clock
+	return w, nil, nil
+}
+
+// OpenCluster opens the cluster's database and reads the cluster key.
+func OpenCluster(c ClusterConfig, o push.Options, unitDirs []string, log *slog.Logger) (*clusterdb.Store, *clusterdb.Key, error) {
+	store, err := OpenClusterStore(c, o, unitDirs, log)
+	if err != nil {
+		return nil, nil, err
+	}
+	key, err := clusterdb.LoadKey(c.WithDefaults().KeyFile)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %w", push.ErrUsage, err)
+	}
+	return store, key, nil
+}
+
+// OpenClusterStore opens the cluster's database: c.DSN, or Mattermost's
+// own (its SqlSettings, or the environment of its service) where this host
+// runs Mattermost.
+func OpenClusterStore(c ClusterConfig, o push.Options, unitDirs []string, log *slog.Logger) (*clusterdb.Store, error) {
+	dsn := c.DSN
+	if dsn == "" {
+		driver, mmDSN, err := mattermostDatabase(o.WithDefaults(), unitDirs)
+		if err != nil {
+			return nil, fmt.Errorf("%w: no cluster database given (--dsn or [cluster] dsn), and Mattermost's config cannot be read: %w", push.ErrUsage, err)
+		}
+		if driver == "mysql" {
+			return nil, fmt.Errorf("%w: %w", push.ErrUsage, clusterdb.ErrMySQL)
+		}
+		dsn = mmDSN
+	}
+	if err := checkDSNFiles(dsn); err != nil {
+		return nil, fmt.Errorf("%w: %w", push.ErrRefused, err)
+	}
+	store, err := clusterdb.Open(dsn, log)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", push.ErrUsage, err)
+	}
+	return store, nil
+}
+
+// advertise completes [cluster] advertise: the listen address, with this
+// host's name where it has none.
+func advertise(addr string, o push.Options) string {
+	if addr != "" {
+		return addr
+	}
+	host, port, err := net.SplitHostPort(o.WithDefaults().Listen)
+	if err != nil {
+		return ""
+	}
+	if host == "" || host == "0.0.0.0" || host == "::" {
+		host = hostname()
+	}
+	return net.JoinHostPort(host, port)
 }
 
 // Reload loads the settings again (SIGHUP) and hands the running parts

@@ -79,7 +79,7 @@ func (p *Pusher) prepare(ctx context.Context, o Options) (*plan, error) {
 		return nil, refused(err)
 	}
 	pl.pair = pair
-	res.Certificate = certInfo(pair)
+	res.Certificate = CertInfoOf(pair)
 	pol := certs.Policy{Now: p.now(), Hosts: []string{host}, AllowHostMismatch: o.AllowHostMismatch}
 	if o.CAFile != "" {
 		pol.Roots, err = certs.LoadRoots(o.CAFile)
@@ -390,7 +390,8 @@ func groupName(group string, gid int) string {
 	return strconv.Itoa(gid)
 }
 
-func certInfo(p *certs.Pair) CertInfo {
+// CertInfoOf describes a pair's leaf as a push result does.
+func CertInfoOf(p *certs.Pair) CertInfo {
 	leaf := p.Leaf()
 	kfp, _ := certs.PublicKeyFingerprint(leaf.PublicKey)
 	names := leaf.DNSNames

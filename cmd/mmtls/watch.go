@@ -46,10 +46,15 @@ func (af *agentFlags) settings(f *pflag.FlagSet) (agent.Settings, error) {
 		b := cfg.Balance
 		s.Balance = &b
 	}
+	s.FromCluster = cfg.Source.FromCluster()
 	// A balancer-only host: the file has [balance] and no source.
-	s.NoWatch = s.Balance != nil && s.Watch.Push.CertFile == "" && s.Watch.Push.KeyFile == ""
+	s.NoWatch = s.Balance != nil && s.Watch.Push.CertFile == "" && s.Watch.Push.KeyFile == "" && !s.FromCluster
 	if !s.NoWatch {
-		if err := s.Watch.Push.Validate(); err != nil {
+		o := s.Watch.Push
+		if s.FromCluster {
+			o.CertFile, o.KeyFile = "cluster.cert", "cluster.key" // set per bundle
+		}
+		if err := o.Validate(); err != nil {
 			return agent.Settings{}, err
 		}
 	}
@@ -68,7 +73,7 @@ func (af *agentFlags) settings(f *pflag.FlagSet) (agent.Settings, error) {
 // newAgent returns the agent that af's flags and config file describe. It
 // tells systemd when it is ready (Type=notify; nothing elsewhere).
 func (af *agentFlags) newAgent(f *pflag.FlagSet, a *app) *agent.Agent {
-	return agent.NewAgent(agent.AgentConfig{Logger: a.log, Load: func() (agent.Settings, error) { return af.settings(f) },
+	return agent.NewAgent(agent.AgentConfig{Logger: a.log, Load: func() (agent.Settings, error) { return af.settings(f) }, Version: versionString(),
 		Ready: func() {
 			if err := agent.NotifyReady(); err != nil {
 				a.log.Warn("could not tell systemd the agent is ready", "err", err)
