@@ -1,0 +1,371 @@
+package test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/mmtls/mmtls/test/fixture"
+	"github.com/mmtls/mmtls/test/pki"
+)
+
+// rollout is a cluster for the rollout tests: one PostgreSQL, nodes with
+// their stand-in and their agent following the cluster, a publisher's key
+// and pairs. Each node's restart command records its window and fails
+// while a file "fail" exists in its tree.
+type rollout struct {
+	t       *testing.T
+	pg      *fixture.Postgres
+	root    *pki.CA
+	roots   string
+	key     string // the cluster key file
+	dir     string
+	windows string
+	nodes   []*member
+}
+
+type member struct {
+	name  string
+	n     *node
+	addr  string
+	agent *watcher
+	conf  string
+}
+
+func newRollout(t *testing.T, count int) *rollout {
+	t.Helper()
+	ctx := context.Background()
+	dir, err := os.MkdirTemp("", "mmtls-rollout-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	pg, err := fixture.StartPostgres(ctx, filepath.Join(dir, "pg"), mmUser)
+	if errors.Is(err, fixture.ErrNoPostgres) && os.Getenv("CI") != "true" {
+		t.Skipf("rollout test: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pg.Stop() })
+	r := &rollout{t: t, pg: pg, dir: dir, windows: filepath.Join(dir, "windows"), key: filepath.Join(dir, "cluster.key")}
+	if c := runMMTLS(t, "cluster", "keygen", "--out", r.key); c.code != 0 {
+		t.Fatalf("keygen:\n%s", c)
+	}
+	if r.root, err = pki.NewRoot("rollout root", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	r.roots = filepath.Join(dir, "roots.pem")
+	os.WriteFile(r.roots, r.root.PEM(), 0o644)
+	for i := range count {
+		n := newNode(t)
+		addr, _ := fixture.PickPort()
+		m := &member{name: fmt.Sprintf("node%d", i+1), n: n, addr: addr}
+		restart := fmt.Sprintf(`test ! -e %s/fail || { echo "node asked to fail" >&2; exit 1; }; echo "start %s $(date +%%s%%N)" >> %s && %s && sleep 0.2 && echo "end %s $(date +%%s%%N)" >> %s`,
+			n.tree.Root, m.name, r.windows, n.tree.StandinCtl(standinBin, "restart"), m.name, r.windows)
+		os.WriteFile(filepath.Join(n.tree.Root, "restart.sh"), []byte(restart+"\n"), 0o700)
+		m.conf = r.writeConf(m, r.key)
+		r.nodes = append(r.nodes, m)
+	}
+	return r
+}
+
+func (r *rollout) writeConf(m *member, key string) string {
+	r.t.Helper()
+	n := m.n
+	conf := fmt.Sprintf(`[source]
+from = "cluster"
+
+[push]
+mattermost_dir = %q
+state_dir = %q
+ca_file = %q
+owner = %q
+listen = %q
+restart_command = "sh %s"
+verify_timeout = "20s"
+
+[watch]
+reconcile = "2s"
+
+[cluster]
+mode = "postgres"
+dsn = %q
+key_file = %q
+node = %q
+advertise = %q
+`, n.tree.MattermostDir, n.tree.StateDir, r.roots, mmUser, m.addr, filepath.Join(n.tree.Root, "restart.sh"), r.pg.DSN, key, m.name, m.addr)
+	path := filepath.Join(n.tree.Root, "mmtls.toml")
+	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
+		r.t.Fatal(err)
+	}
+	return path
+}
+
+// start runs the node's agent (mmtls watch with its config).
+func (r *rollout) start(m *member) {
+	r.t.Helper()
+	w := &watcher{done: make(chan struct{})}
+	w.cmd = exec.Command(mmtlsBin, "watch", "--config", m.conf, "--log-level", "debug")
+	w.cmd.Stderr = &w.stderr
+	if err := w.cmd.Start(); err != nil {
+		r.t.Fatal(err)
+	}
+	go func() { w.cmd.Wait(); close(w.done) }()
+	m.agent = w
+	t := r.t
+	t.Cleanup(func() {
+		r.stop(m)
+		if t.Failed() {
+			t.Logf("%s agent log:\n%s", m.name, w.log())
+		}
+	})
+}
+
+func (r *rollout) stop(m *member) {
+	w := m.agent
+	if w == nil {
+		return
+	}
+	w.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-w.done:
+	case <-time.After(30 * time.Second):
+		w.cmd.Process.Kill()
+		<-w.done
+	}
+}
+
+func (r *rollout) chain() (*pki.Chain, string, string) {
+	r.t.Helper()
+	c := newChain(r.t, r.root)
+	d, err := os.MkdirTemp(r.dir, "pair-")
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	cert, key := filepath.Join(d, "fullchain.pem"), filepath.Join(d, "privkey.pem")
+	os.WriteFile(cert, c.FullChain(), 0o600)
+	os.WriteFile(key, c.Leaf.KeyPEM, 0o600)
+	return c, cert, key
+}
+
+func (r *rollout) publish(cert, key string, extra ...string) result {
+	r.t.Helper()
+	args := append([]string{"publish", "--cert", cert, "--key", key, "--dsn", r.pg.DSN, "--cluster-key", r.key, "--ca-file", r.roots,
+		"--wait", "--timeout", "2m", "--poll", "100ms"}, extra...)
+	return runMMTLS(r.t, args...)
+}
+
+func (r *rollout) status() (result, map[string]any) {
+	r.t.Helper()
+	res := runMMTLS(r.t, "cluster", "status", "--dsn", r.pg.DSN, "--json")
+	var st map[string]any
+	if err := json.Unmarshal([]byte(res.stdout), &st); err != nil {
+		r.t.Fatalf("status JSON: %v\n%s", err, res)
+	}
+	return res, st
+}
+
+// windows returns the restart windows recorded so far, by start.
+func (r *rollout) restartWindows() [][3]string {
+	b, _ := os.ReadFile(r.windows)
+	open := map[string]string{}
+	var ws [][3]string
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		f := strings.Fields(line)
+		if len(f) != 3 {
+			continue
+		}
+		if f[0] == "start" {
+			open[f[1]] = f[2]
+		} else {
+			ws = append(ws, [3]string{f[1], open[f[1]], f[2]})
+		}
+	}
+	sort.Slice(ws, func(i, j int) bool { return ws[i][1] < ws[j][1] })
+	return ws
+}
+
+func TestRolloutThroughTheClusterDatabase(t *testing.T) {
+	r := newRollout(t, 3)
+	for _, m := range r.nodes {
+		r.start(m)
+	}
+	// The publisher has no Mattermost at all: only the DSN and the key.
+	v1, c1, k1 := r.chain()
+	start := time.Now()
+	res := r.publish(c1, k1)
+	if res.code != 0 || !strings.Contains(res.stdout, "complete: every live node serves bundle") {
+		t.Fatalf("publish --wait:\n%s", res)
+	}
+	t.Logf("publish to all three verified: %s (%d restart windows)", time.Since(start).Round(time.Millisecond), len(r.restartWindows()))
+	for _, m := range r.nodes {
+		m.n.waitServes(t, m.addr, v1)
+	}
+	ws := r.restartWindows()
+	if len(ws) != 3 {
+		t.Fatalf("%d restarts, want 3: %v", len(ws), ws)
+	}
+	for i := 1; i < len(ws); i++ {
+		a, _ := strconv.ParseInt(ws[i-1][2], 10, 64)
+		b, _ := strconv.ParseInt(ws[i][1], 10, 64)
+		if b < a {
+			t.Errorf("%s restarted while %s was restarting", ws[i][0], ws[i-1][0])
+		}
+	}
+	st, js := r.status()
+	if st.code != 0 {
+		t.Errorf("cluster status after a complete rollout: exit %d\n%s", st.code, st)
+	}
+	for _, n := range js["nodes"].([]any) {
+		n := n.(map[string]any)
+		if n["served_fingerprint"] != fingerprintOf(v1) || n["reported_fingerprint"] != fingerprintOf(v1) {
+			t.Errorf("status row %v", n)
+		}
+	}
+	if again := r.publish(c1, k1); again.code != 0 || !strings.Contains(again.stdout, "nothing to do") {
+		t.Errorf("publishing the same pair again:\n%s", again)
+	}
+
+	t.Run("a failing node halts the rollout; retry completes it", func(t *testing.T) {
+		bad := r.nodes[1]
+		os.WriteFile(filepath.Join(bad.n.tree.Root, "fail"), nil, 0o600)
+		v2, c2, k2 := r.chain()
+		res := r.publish(c2, k2)
+		if res.code != 4 || !strings.Contains(res.stderr, "halted at "+bad.name) {
+			t.Fatalf("publish --wait with a failing node: want exit 4 naming %s:\n%s", bad.name, res)
+		}
+		bad.n.waitServes(t, bad.addr, v1)
+		halted := 0
+		for _, m := range r.nodes {
+			if got, _ := served(m.addr); got == fingerprintOf(v1) {
+				halted++
+			}
+		}
+		if halted < 1 {
+			t.Errorf("no node kept the previous certificate")
+		}
+		if st, js := r.status(); st.code != 1 || js["bundle"].(map[string]any)["state"] != "halted" {
+			t.Errorf("status of a halted rollout: exit %d %v", st.code, js["bundle"])
+		}
+		os.Remove(filepath.Join(bad.n.tree.Root, "fail"))
+		res = r.publish(c2, k2, "--retry")
+		if res.code != 0 {
+			t.Fatalf("publish --retry:\n%s", res)
+		}
+		for _, m := range r.nodes {
+			m.n.waitServes(t, m.addr, v2)
+		}
+	})
+
+	t.Run("a node that was down catches up", func(t *testing.T) {
+		down := r.nodes[2]
+		r.stop(down)
+		before, _ := served(down.addr)
+		v3, c3, k3 := r.chain()
+		// The stopped agent's heartbeat goes stale (3 x 2s): the rollout
+		// completes without it.
+		if res := r.publish(c3, k3); res.code != 0 {
+			t.Fatalf("publish with a node down:\n%s", res)
+		}
+		if got, _ := served(down.addr); got != before {
+			t.Errorf("the stopped node changed")
+		}
+		r.start(down)
+		down.n.waitServes(t, down.addr, v3)
+	})
+
+	t.Run("a node with the wrong cluster key installs nothing", func(t *testing.T) {
+		wrong := r.nodes[0]
+		r.stop(wrong)
+		other := filepath.Join(r.dir, "other.key")
+		if c := runMMTLS(t, "cluster", "keygen", "--out", other); c.code != 0 {
+			t.Fatal(c)
+		}
+		before, _ := served(wrong.addr)
+		wrong.conf = r.writeConf(wrong, other)
+		r.start(wrong)
+		_, c4, k4 := r.chain()
+		runMMTLS(t, "publish", "--cert", c4, "--key", k4, "--dsn", r.pg.DSN, "--cluster-key", r.key, "--ca-file", r.roots)
+		waitFor(t, time.Minute, func() error {
+			if !strings.Contains(wrong.agent.log(), "this node's key file "+other+" has key id") {
+				return fmt.Errorf("no refusal naming the key file yet")
+			}
+			return nil
+		})
+		if got, _ := served(wrong.addr); got != before {
+			t.Errorf("the node with the wrong key changed its certificate")
+		}
+	})
+
+	t.Run("PostgreSQL restarted in the middle of a rollout", func(t *testing.T) {
+		r.stop(r.nodes[0]) // the one with the wrong key sits this out
+		r.nodes[0].conf = r.writeConf(r.nodes[0], r.key)
+		r.start(r.nodes[0])
+		v5, c5, k5 := r.chain()
+		if res := runMMTLS(t, "publish", "--cert", c5, "--key", k5, "--dsn", r.pg.DSN, "--cluster-key", r.key, "--ca-file", r.roots); res.code != 0 {
+			t.Fatal(res)
+		}
+		if err := r.pg.Restart(); err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range r.nodes {
+			m.n.waitServes(t, m.addr, v5)
+		}
+		if st, _ := r.status(); st.code != 0 {
+			t.Errorf("status after the rollout completed: %s", st)
+		}
+	})
+
+	t.Run("no private key in a dump of the database", func(t *testing.T) {
+		dump, err := exec.Command("pg_dump", r.pg.DSN).CombinedOutput()
+		if err != nil {
+			t.Skipf("pg_dump: %v %s", err, dump)
+		}
+		k, _ := os.ReadFile(k1)
+		body := strings.Join(strings.Split(strings.TrimSpace(string(k)), "\n")[1:3], "")
+		if strings.Contains(string(dump), "PRIVATE KEY") || strings.Contains(string(dump), body[:40]) {
+			t.Error("the dump holds a private key in the clear")
+		}
+		if !strings.Contains(string(dump), "mmtls.bundles") {
+			t.Errorf("the dump has no mmtls schema:\n%.500s", dump)
+		}
+	})
+}
+
+// The schema is created and migrated by Mattermost's own database user,
+// the owner of its database and no superuser, as often as it is asked.
+func TestRolloutMigratesAsTheDatabaseOwner(t *testing.T) {
+	r := newRollout(t, 0)
+	ctx := context.Background()
+	for _, sql := range []string{"CREATE ROLE mmowner LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE", "CREATE DATABASE mmowned OWNER mmowner"} {
+		if out, err := r.pg.Psql(ctx, "mattermost", sql); err != nil {
+			t.Fatal(out, err)
+		}
+	}
+	dsn := strings.Replace(strings.Replace(r.pg.DSN, "mmuser@", "mmowner@", 1), "/mattermost?", "/mmowned?", 1)
+	_, c, k := r.chain()
+	for i := range 2 {
+		if res := runMMTLS(t, "publish", "--cert", c, "--key", k, "--dsn", dsn, "--cluster-key", r.key, "--ca-file", r.roots); res.code != 0 {
+			t.Fatalf("publish %d as the owner:\n%s", i+1, res)
+		}
+	}
+	out, err := r.pg.Psql(ctx, "mmowned", "SELECT count(*) FROM mmtls.migrations; SELECT tableowner FROM pg_tables WHERE schemaname = 'mmtls' ORDER BY tablename")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f := strings.Fields(out); len(f) != 4 || f[0] != "1" || f[1] != "mmowner" {
+		t.Errorf("migrations and owners: %q", out)
+	}
+}
