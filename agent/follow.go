@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/mmtls/mmtls/agent/clock"
@@ -44,10 +45,13 @@ type Follower struct {
 	Metrics   *Metrics     // nil records nothing
 	Clock     clock.Clock  // nil: the system clock
 
-	installed int64  // bundle in force here; guarded by the Run goroutine
-	served    string // its leaf, as verified
-	tried     string // bundle id and attempt last tried, not again until it changes
-	halted    int64  // bundle whose halt was logged
+	tried  string // bundle id and attempt last tried, not again until it changes; Run's goroutine only
+	halted int64  // bundle whose halt was logged; Run's goroutine only
+
+	mu        sync.Mutex     // guards the fields below, which the heartbeat reports
+	node      clusterdb.Node // what this node says of itself
+	installed int64          // bundle in force here
+	served    string         // its leaf, as verified
 }
 
 // Run follows the rollout until ctx is cancelled. A push in flight then
@@ -75,7 +79,8 @@ func (f *Follower) Run(ctx context.Context) error {
 		case <-t.C():
 		}
 	}
-	f.installed, f.served = f.installedHere(o)
+	installed, served := f.installedHere(o)
+	f.setInstalled(installed, served)
 	f.Pusher.Cluster = &haltAwareLock{inner: f.Pusher.Cluster, f: f}
 	notes := make(chan struct{}, 1)
 	lctx, stop := context.WithCancel(ctx)
@@ -86,6 +91,23 @@ func (f *Follower) Run(ctx context.Context) error {
 	defer tick.Stop()
 	log.Info("following the cluster's certificate", "node", f.Node, "address", f.Address, "db", f.Store.Redacted(), "key_id", f.Key.ID())
 	f.report(ctx, clusterdb.NodeIdle, "", "")
+	// The heartbeat goes on while a push waits for the lock or restarts:
+	// a node that stopped beating would be left out of the rollout.
+	beat := make(chan struct{})
+	go func() {
+		defer close(beat)
+		t := clk.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-lctx.Done():
+				return
+			case <-t.C():
+				f.beat(lctx)
+			}
+		}
+	}()
+	defer func() { stop(); <-beat }()
 	for {
 		select {
 		case <-ctx.Done():
@@ -108,7 +130,7 @@ func (f *Follower) step(ctx context.Context, o push.Options) {
 	}
 	f.Metrics.bundleSeen(b)
 	switch {
-	case b == nil || b.ID == f.installed:
+	case b == nil || b.ID == f.installedID():
 		f.report(ctx, clusterdb.NodeIdle, "", "")
 		if b != nil && b.State == clusterdb.StateRolling {
 			f.Store.Complete(ctx, b.ID)
@@ -155,7 +177,7 @@ func (f *Follower) apply(ctx context.Context, o push.Options, b *clusterdb.Bundl
 	f.Metrics.observePush(res, err)
 	switch {
 	case err == nil:
-		f.installed, f.served = b.ID, res.Certificate.Fingerprint
+		f.setInstalled(b.ID, res.Certificate.Fingerprint)
 		log.Info("the bundle is in force here", "status", res.Status)
 		f.report(ctx, clusterdb.NodeIdle, "ok", string(res.Status))
 		f.Store.Complete(ctx, b.ID)
@@ -212,14 +234,37 @@ func (f *Follower) installedHere(o push.Options) (int64, string) {
 	return b.ID, b.LeafFingerprint
 }
 
+func (f *Follower) setInstalled(id int64, served string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.installed, f.served = id, served
+}
+
+func (f *Follower) installedID() int64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.installed
+}
+
+// report records a new state and sends it with a heartbeat.
 func (f *Follower) report(ctx context.Context, state, result, msg string) {
 	every := f.Reconcile
 	if every <= 0 {
 		every = DefaultReconcile
 	}
-	err := f.Store.Report(ctx, clusterdb.Node{Node: f.Node, Address: f.Address, InstalledBundle: f.installed, Served: f.served,
-		State: state, Result: result, Message: msg, Version: f.Version, HeartbeatEvery: every})
-	if err != nil {
+	f.mu.Lock()
+	f.node = clusterdb.Node{Node: f.Node, Address: f.Address, InstalledBundle: f.installed, Served: f.served,
+		State: state, Result: result, Message: msg, Version: f.Version, HeartbeatEvery: every}
+	f.mu.Unlock()
+	f.beat(ctx)
+}
+
+// beat sends the last reported state again, with a fresh heartbeat.
+func (f *Follower) beat(ctx context.Context) {
+	f.mu.Lock()
+	n := f.node
+	f.mu.Unlock()
+	if err := f.Store.Report(ctx, n); err != nil {
 		logger(f.Logger).Debug("cannot report to the cluster database", "err", err)
 	}
 }

@@ -21,8 +21,14 @@ import (
 // user, plain HTTP on a loopback port.
 func newRealNode(t *testing.T) *node {
 	t.Helper()
+	tree, listen := newRealTreeOn(t, nil)
+	return startRealNode(t, tree, listen)
+}
+
+// startRealNode starts the real server of a tree newRealTreeOn laid out.
+func startRealNode(t *testing.T, tree *fixture.Tree, listen string) *node {
+	t.Helper()
 	ctx := context.Background()
-	tree, listen := newRealTree(t)
 	n := &node{t: t, tree: tree, listen: listen}
 	if err := tree.RunCtl(ctx, standinBin, "start"); err != nil {
 		t.Fatal(err)
@@ -48,6 +54,13 @@ func newRealNode(t *testing.T) *node {
 // starts nothing else.
 func newRealTree(t *testing.T) (*fixture.Tree, string) {
 	t.Helper()
+	return newRealTreeOn(t, nil)
+}
+
+// newRealTreeOn is newRealTree on the given PostgreSQL (nil: its own), as
+// the nodes of one cluster share theirs.
+func newRealTreeOn(t *testing.T, pg *fixture.Postgres) (*fixture.Tree, string) {
+	t.Helper()
 	ctx := context.Background()
 	srv, err := fixture.MattermostServer(ctx, t.Logf)
 	if err != nil {
@@ -59,18 +72,20 @@ func newRealTree(t *testing.T) (*fixture.Tree, string) {
 	}
 	t.Cleanup(func() { os.RemoveAll(root) })
 	os.Chmod(root, 0o755)
-	pg, err := fixture.StartPostgres(ctx, filepath.Join(root, "pg"), mmUser)
-	if errors.Is(err, fixture.ErrNoPostgres) && os.Getenv("CI") != "true" {
-		t.Skipf("real-server tests: %v", err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := pg.Stop(); err != nil {
-			t.Errorf("stop postgres: %v", err)
+	if pg == nil {
+		pg, err = fixture.StartPostgres(ctx, filepath.Join(root, "pg"), mmUser)
+		if errors.Is(err, fixture.ErrNoPostgres) && os.Getenv("CI") != "true" {
+			t.Skipf("real-server tests: %v", err)
 		}
-	})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			if err := pg.Stop(); err != nil {
+				t.Errorf("stop postgres: %v", err)
+			}
+		})
+	}
 	listen, err := fixture.PickPort()
 	if err != nil {
 		t.Fatal(err)

@@ -369,3 +369,58 @@ func TestRolloutMigratesAsTheDatabaseOwner(t *testing.T) {
 		t.Errorf("migrations and owners: %q", out)
 	}
 }
+
+// Three real Mattermost 6.7.2 servers on one PostgreSQL, each with its own
+// tree, port, state directory and agent following the cluster, and a
+// publisher with no Mattermost: publish --wait, every node serves the new
+// leaf, one restart at a time, and status agrees with a live probe.
+func TestRolloutRealMattermost(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: skipping the real Mattermost servers")
+	}
+	r := newRollout(t, 0)
+	for i := range 3 {
+		tree, listen := newRealTreeOn(t, r.pg)
+		n := startRealNode(t, tree, listen)
+		addr, _ := fixture.PickPort()
+		m := &member{name: fmt.Sprintf("mm%d", i+1), n: n, addr: addr}
+		restart := fmt.Sprintf(`test ! -e %s/fail || exit 1; echo "start %s $(date +%%s%%N)" >> %s && %s; rc=$?; echo "end %s $(date +%%s%%N)" >> %s; exit $rc`,
+			tree.Root, m.name, r.windows, tree.StandinCtl(standinBin, "restart"), m.name, r.windows)
+		os.WriteFile(filepath.Join(tree.Root, "restart.sh"), []byte(restart+"\n"), 0o700)
+		m.conf = r.writeConf(m, r.key)
+		r.nodes = append(r.nodes, m)
+		r.start(m)
+	}
+	v1, c1, k1 := r.chain()
+	start := time.Now()
+	res := r.publish(c1, k1, "--timeout", "10m")
+	total := time.Since(start)
+	if res.code != 0 {
+		t.Fatalf("publish --wait:\n%s", res)
+	}
+	t.Logf("publish --wait:\n%s", res.stdout)
+	var restarts time.Duration
+	ws := r.restartWindows()
+	for i, w := range ws {
+		a, _ := strconv.ParseInt(w[1], 10, 64)
+		b, _ := strconv.ParseInt(w[2], 10, 64)
+		restarts += time.Duration(b - a)
+		if i > 0 {
+			prevEnd, _ := strconv.ParseInt(ws[i-1][2], 10, 64)
+			if a < prevEnd {
+				t.Errorf("%s restarted while %s was restarting", w[0], ws[i-1][0])
+			}
+		}
+	}
+	if len(ws) != 3 {
+		t.Fatalf("%d restarts, want 3: %v", len(ws), ws)
+	}
+	t.Logf("publish to 3 real nodes verified: %s; Mattermost restart commands %s; beyond them %s (%s per node: notification, lock hand-offs, Mattermost coming up, verification)",
+		total.Round(time.Millisecond), restarts.Round(time.Millisecond), (total - restarts).Round(time.Millisecond), ((total - restarts) / 3).Round(time.Millisecond))
+	for _, m := range r.nodes {
+		assertServes(t, m.addr, &fixture.Pair{Chain: v1})
+	}
+	if st, _ := r.status(); st.code != 0 {
+		t.Errorf("cluster status: %s", st)
+	}
+}
