@@ -424,3 +424,40 @@ func TestRolloutRealMattermost(t *testing.T) {
 		t.Errorf("cluster status: %s", st)
 	}
 }
+
+// The host that holds the certificate needs no hook: its agent, with
+// [cluster] publish = true, publishes each renewal of its source pair, and
+// the nodes roll it out.
+func TestRolloutPublishedByTheCertHostsAgent(t *testing.T) {
+	r := newRollout(t, 2)
+	for _, m := range r.nodes {
+		r.start(m)
+	}
+	src := filepath.Join(r.dir, "live")
+	os.MkdirAll(src, 0o700)
+	cert, key := filepath.Join(src, "fullchain.pem"), filepath.Join(src, "privkey.pem")
+	renew := func() *pki.Chain {
+		c := newChain(t, r.root)
+		for path, data := range map[string][]byte{key: c.Leaf.KeyPEM, cert: c.FullChain()} {
+			os.WriteFile(path+".new", data, 0o600)
+			os.Rename(path+".new", path)
+		}
+		return c
+	}
+	v1 := renew()
+	conf := filepath.Join(r.dir, "publisher.toml")
+	os.WriteFile(conf, []byte(fmt.Sprintf("[source]\ncert = %q\nkey = %q\n\n[push]\nca_file = %q\n\n[watch]\nquiet = \"300ms\"\nmax_wait = \"2s\"\n\n[cluster]\npublish = true\ndsn = %q\nkey_file = %q\n",
+		cert, key, r.roots, r.pg.DSN, r.key)), 0o600)
+	pub := &member{name: "publisher", conf: conf}
+	r.start(pub)
+	for _, m := range r.nodes {
+		m.n.waitServes(t, m.addr, v1)
+	}
+	v2 := renew()
+	for _, m := range r.nodes {
+		m.n.waitServes(t, m.addr, v2)
+	}
+	if !strings.Contains(pub.agent.log(), "published to the cluster") {
+		t.Errorf("publisher log:\n%s", pub.agent.log())
+	}
+}
