@@ -461,3 +461,26 @@ func TestRolloutPublishedByTheCertHostsAgent(t *testing.T) {
 		t.Errorf("publisher log:\n%s", pub.agent.log())
 	}
 }
+
+// Bad input at publish: an unreachable database and a MySQL DSN get clear
+// errors, store nothing, and never print the DSN's password.
+func TestPublishRefusals(t *testing.T) {
+	r := newRollout(t, 0)
+	_, c, k := r.chain()
+	res := runMMTLS(t, "publish", "--cert", c, "--key", k, "--dsn", "postgres://mmuser:s3cretpw@127.0.0.1:1/mattermost?connect_timeout=2",
+		"--cluster-key", r.key, "--ca-file", r.roots)
+	if res.code == 0 || !strings.Contains(res.stderr, "connect to the cluster database") || strings.Contains(res.stderr+res.stdout, "s3cretpw") {
+		t.Errorf("unreachable database:\n%s", res)
+	}
+	res = runMMTLS(t, "publish", "--cert", c, "--key", k, "--dsn", "mysql://mmuser:s3cretpw@tcp(db:3306)/mattermost", "--cluster-key", r.key)
+	if res.code != 2 || !strings.Contains(res.stderr, "needs PostgreSQL") || strings.Contains(res.stderr, "s3cretpw") {
+		t.Errorf("MySQL DSN:\n%s", res)
+	}
+	res = runMMTLS(t, "publish", "--cert", c, "--key", c, "--dsn", r.pg.DSN, "--cluster-key", r.key)
+	if res.code != 3 {
+		t.Errorf("a certificate given as the key: want exit 3:\n%s", res)
+	}
+	if st, js := r.status(); st.code == 0 || js["bundle"] != nil {
+		t.Errorf("something was published: %v", js)
+	}
+}

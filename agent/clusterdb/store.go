@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Bundle states.
@@ -336,7 +337,17 @@ func scanBundle(row pgx.Row) (*Bundle, error) {
 func current(ctx context.Context, q interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
 }) (*Bundle, error) {
-	return scanBundle(q.QueryRow(ctx, `SELECT `+bundleColumns+` FROM mmtls.bundles ORDER BY id DESC LIMIT 1`))
+	b, err := scanBundle(q.QueryRow(ctx, `SELECT `+bundleColumns+` FROM mmtls.bundles ORDER BY id DESC LIMIT 1`))
+	if noSchema(err) {
+		return nil, nil // nothing was ever published
+	}
+	return b, err
+}
+
+// noSchema reports an error saying mmtls's tables do not exist yet.
+func noSchema(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && (pe.Code == "42P01" || pe.Code == "3F000") // undefined_table, invalid_schema_name
 }
 
 // Current returns the newest bundle, or nil when none was published.
@@ -420,6 +431,9 @@ func (s *Store) Nodes(ctx context.Context) ([]Node, error) {
 	err := s.with(ctx, func(ctx context.Context, c *pgx.Conn) error {
 		rows, err := c.Query(ctx, `SELECT node, address, installed_bundle, served_fingerprint, state, last_result, message, agent_version, heartbeat, heartbeat_every_s, changed_at
 			FROM mmtls.nodes ORDER BY node`)
+		if noSchema(err) {
+			return nil
+		}
 		if err != nil {
 			return err
 		}
