@@ -129,6 +129,18 @@ func (f *Follower) step(ctx context.Context, o push.Options) {
 		return
 	}
 	f.Metrics.bundleSeen(b)
+	if nodes, err := f.Store.Nodes(ctx); err == nil && b != nil {
+		alive, current := 0, 0
+		for _, n := range nodes {
+			if clock.Since(clock.Or(f.Clock), n.Heartbeat) <= 3*n.HeartbeatEvery {
+				alive++
+				if n.InstalledBundle == b.ID {
+					current++
+				}
+			}
+		}
+		f.Metrics.clusterNodes(alive, current)
+	}
 	switch {
 	case b == nil || b.ID == f.installedID():
 		f.report(ctx, clusterdb.NodeIdle, "", "")

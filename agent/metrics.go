@@ -39,6 +39,7 @@ type Metrics struct {
 	inconsistent prometheus.Gauge
 	bundleTime   prometheus.Gauge
 	rollout      *prometheus.GaugeVec
+	nodes        *prometheus.GaugeVec
 }
 
 // NewMetrics makes the agent's metrics in a new registry.
@@ -68,8 +69,10 @@ func NewMetrics() *Metrics {
 		Help: "Unix time the cluster's current bundle was published (its age is time() minus this)."})
 	m.rollout = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mmtls_cluster_rollout_state",
 		Help: "1 for the state of the current bundle's rollout: rolling, complete or halted."}, []string{"state"})
+	m.nodes = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mmtls_cluster_nodes",
+		Help: "Nodes of the cluster whose agent is alive (which=\"alive\"), and those of them that installed the current bundle (which=\"current\")."}, []string{"which"})
 	m.Registry.MustRegister(m.notAfter, m.pushes, m.restarts, m.rollbacks, m.verify, m.lastSuccess, m.events, m.lockWait, m.inconsistent,
-		m.bundleTime, m.rollout)
+		m.bundleTime, m.rollout, m.nodes)
 	return m
 }
 
@@ -111,6 +114,13 @@ func (m *Metrics) bundleSeen(b *clusterdb.Bundle) {
 			v = 1
 		}
 		m.rollout.WithLabelValues(st).Set(v)
+	}
+}
+
+func (m *Metrics) clusterNodes(alive, current int) {
+	if m != nil {
+		m.nodes.WithLabelValues("alive").Set(float64(alive))
+		m.nodes.WithLabelValues("current").Set(float64(current))
 	}
 }
 

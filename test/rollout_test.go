@@ -417,6 +417,14 @@ func TestRolloutRealMattermost(t *testing.T) {
 	}
 	t.Logf("publish to 3 real nodes verified: %s; Mattermost restart commands %s; beyond them %s (%s per node: notification, lock hand-offs, Mattermost coming up, verification)",
 		total.Round(time.Millisecond), restarts.Round(time.Millisecond), (total - restarts).Round(time.Millisecond), ((total - restarts) / 3).Round(time.Millisecond))
+	// From each agent's log: its restart until its verification succeeded
+	// (Mattermost's stop and start, and the verification's last poll).
+	var restartToVerified time.Duration
+	for _, m := range r.nodes {
+		restartToVerified += logSpan(t, m.agent.log(), `msg="restarting mattermost"`, `msg=verified`)
+	}
+	t.Logf("restart to verified, summed over the nodes: %s; the rest, %s per node, is mmtls's: notification, unseal, install, configure, lock hand-off",
+		restartToVerified.Round(time.Millisecond), ((total - restartToVerified) / 3).Round(time.Millisecond))
 	for _, m := range r.nodes {
 		assertServes(t, m.addr, &fixture.Pair{Chain: v1})
 	}
@@ -483,4 +491,29 @@ func TestPublishRefusals(t *testing.T) {
 	if st, js := r.status(); st.code == 0 || js["bundle"] != nil {
 		t.Errorf("something was published: %v", js)
 	}
+}
+
+// logSpan is the time between the first log line containing from and the
+// next one containing to.
+func logSpan(t *testing.T, log, from, to string) time.Duration {
+	t.Helper()
+	var start time.Time
+	for _, line := range strings.Split(log, "\n") {
+		ts, ok := strings.CutPrefix(line, "time=")
+		if !ok {
+			continue
+		}
+		at, err := time.Parse(time.RFC3339Nano, strings.Fields(ts)[0])
+		if err != nil {
+			continue
+		}
+		switch {
+		case start.IsZero() && strings.Contains(line, from):
+			start = at
+		case !start.IsZero() && strings.Contains(line, to):
+			return at.Sub(start)
+		}
+	}
+	t.Errorf("no %q followed by %q in the log", from, to)
+	return 0
 }
