@@ -19,9 +19,9 @@ import (
 // newRealNode runs a real Mattermost server (built once and cached, see
 // fixture.MattermostServer) on a private PostgreSQL, as the mattermost
 // user, plain HTTP on a loopback port.
-func newRealNode(t *testing.T) *node {
+func newRealNode(t *testing.T, rel fixture.Release) *node {
 	t.Helper()
-	tree, listen := newRealTreeOn(t, nil)
+	tree, listen := newRealTreeOn(t, nil, rel)
 	return startRealNode(t, tree, listen)
 }
 
@@ -54,15 +54,15 @@ func startRealNode(t *testing.T, tree *fixture.Tree, listen string) *node {
 // starts nothing else.
 func newRealTree(t *testing.T) (*fixture.Tree, string) {
 	t.Helper()
-	return newRealTreeOn(t, nil)
+	return newRealTreeOn(t, nil, fixture.Mattermost672)
 }
 
 // newRealTreeOn is newRealTree on the given PostgreSQL (nil: its own), as
 // the nodes of one cluster share theirs.
-func newRealTreeOn(t *testing.T, pg *fixture.Postgres) (*fixture.Tree, string) {
+func newRealTreeOn(t *testing.T, pg *fixture.Postgres, rel fixture.Release) (*fixture.Tree, string) {
 	t.Helper()
 	ctx := context.Background()
-	srv, err := fixture.MattermostServer(ctx, t.Logf)
+	srv, err := fixture.MattermostRelease(ctx, rel, t.Logf)
 	if err != nil {
 		t.Fatalf("real Mattermost server: %v", err)
 	}
@@ -124,15 +124,22 @@ func waitForReal(t *testing.T, n *node, addr string) {
 	t.Helper()
 	start := time.Now()
 	n.waitPlainFor(addr, 3*time.Minute)
-	t.Logf("Mattermost %s answered on %s after %s", fixture.MattermostVersion, addr, time.Since(start).Round(time.Millisecond))
+	t.Logf("Mattermost answered on %s after %s", addr, time.Since(start).Round(time.Millisecond))
 }
 
-// Every promise of mmtls push, on a real Mattermost server.
+// Every promise of mmtls push, on a real Mattermost server of each
+// generation: 6.7.2, which hangs on a bad pair, and 7.7.0, which exits.
 func TestRealMattermost(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short: skipping the real Mattermost server")
 	}
-	n := newRealNode(t)
+	for _, rel := range fixture.Releases {
+		t.Run(rel.Name, func(t *testing.T) { testRealMattermost(t, rel) })
+	}
+}
+
+func testRealMattermost(t *testing.T, rel fixture.Release) {
+	n := newRealNode(t, rel)
 	ps, roots := n.pairs(3)
 	p1, p2, p3 := ps[0], ps[1], ps[2]
 	addr, _ := fixture.PickPort()
@@ -192,13 +199,20 @@ func TestRealMattermost(t *testing.T) {
 		}
 		assertServes(t, addr, p2)
 	})
-	t.Run("unreadable key: 6.7.2 hangs, verify catches it, rolled back", func(t *testing.T) {
+	unreadable := "unreadable key: " + rel.Name + " hangs, verify catches it, rolled back"
+	if rel.ExitsOnBadPair {
+		unreadable = "unreadable key: " + rel.Name + " exits at once, verify catches it, rolled back"
+	}
+	t.Run(unreadable, func(t *testing.T) {
 		start := time.Now()
 		r, _ := push(p3, "--owner", "root", "--verify-timeout", "20s")
 		if r.code != 4 {
 			t.Fatalf("want exit 4:\n%s", r)
 		}
-		t.Logf("rollback after a hung start took %s", time.Since(start).Round(time.Millisecond))
+		t.Logf("rollback after the failed start took %s", time.Since(start).Round(time.Millisecond))
+		if rel.ExitsOnBadPair && !strings.Contains(n.tree.ServiceLog(), "Error starting server") {
+			t.Errorf("%s did not log its fatal start error; did it exit?", rel.Name)
+		}
 		assertServes(t, addr, p2)
 	})
 	t.Run("new port held: rolled back to the old certificate, config and port", func(t *testing.T) {

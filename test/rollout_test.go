@@ -378,9 +378,15 @@ func TestRolloutRealMattermost(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short: skipping the real Mattermost servers")
 	}
+	for _, rel := range fixture.Releases {
+		t.Run(rel.Name, func(t *testing.T) { testRolloutRealMattermost(t, rel) })
+	}
+}
+
+func testRolloutRealMattermost(t *testing.T, rel fixture.Release) {
 	r := newRollout(t, 0)
 	for i := range 3 {
-		tree, listen := newRealTreeOn(t, r.pg)
+		tree, listen := newRealTreeOn(t, r.pg, rel)
 		n := startRealNode(t, tree, listen)
 		addr, _ := fixture.PickPort()
 		m := &member{name: fmt.Sprintf("mm%d", i+1), n: n, addr: addr}
