@@ -70,8 +70,9 @@ func via(addr, src string) (string, error) {
 	return strings.TrimSpace(line), err
 }
 
-// startNginx runs a real nginx with the stream block mmtls writes.
-func startNginx(t *testing.T, stream string) {
+// checkNginx runs nginx -t on the stream block mmtls writes and returns
+// the nginx binary and the config file.
+func checkNginx(t *testing.T, stream string) (string, string) {
 	t.Helper()
 	nginx := needTool(t, "nginx", "/usr/sbin/nginx")
 	module := "/usr/lib/nginx/modules/ngx_stream_module.so"
@@ -89,8 +90,16 @@ func startNginx(t *testing.T, stream string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if out, err := exec.CommandContext(ctx, nginx, "-t", "-p", dir, "-c", path).CombinedOutput(); err != nil {
-		t.Fatalf("nginx -t on mmtls's configuration: %v\n%s", err, out)
+		t.Fatalf("nginx -t on mmtls's configuration: %v\n%s\n%s", err, out, stream)
 	}
+	return nginx, path
+}
+
+// startNginx runs a real nginx with the stream block mmtls writes.
+func startNginx(t *testing.T, stream string) {
+	t.Helper()
+	nginx, path := checkNginx(t, stream)
+	dir := filepath.Dir(path)
 	cmd := exec.Command(nginx, "-p", dir, "-c", path, "-g", "daemon off;")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
@@ -185,6 +194,26 @@ func TestHAProxyConfigValid(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if out, err := exec.CommandContext(ctx, haproxy, "-c", "-f", path).CombinedOutput(); err != nil {
+		t.Errorf("haproxy -c: %v\n%s\n%s", err, out, r.stdout)
+	}
+}
+
+// The exports accept the listen addresses the README shows (":443", and
+// IPv6's "[::]:443"): nginx refuses "listen :443;".
+func TestExportsTakeTheREADMEsAddresses(t *testing.T) {
+	args := []string{"balance", "--listen", ":443", "--listen", "[::]:443", "--upstream", "127.0.0.1:9001", "--upstream", "127.0.0.1:9002"}
+	r := runMMTLS(t, append(args, "--print", "nginx")...)
+	if r.code != 0 || !strings.Contains(r.stdout, "listen 443;") || !strings.Contains(r.stdout, "listen [::]:443;") {
+		t.Fatalf("--print nginx:\n%s", r)
+	}
+	checkNginx(t, r.stdout)
+	haproxy := needTool(t, "haproxy", "/usr/sbin/haproxy")
+	r = runMMTLS(t, append(args, "--print", "haproxy")...)
+	path := filepath.Join(t.TempDir(), "haproxy.cfg")
+	os.WriteFile(path, []byte(r.stdout), 0o644)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, haproxy, "-c", "-f", path).CombinedOutput(); r.code != 0 || err != nil {
 		t.Errorf("haproxy -c: %v\n%s\n%s", err, out, r.stdout)
 	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"net"
 	"strings"
 
 	"github.com/mmtls/mmtls/agent/balance"
@@ -31,7 +32,7 @@ func writeNginx(w io.Writer, o balance.Options, cfg passthrough.Config) error {
 	}
 	b.WriteString("    }\n    server {\n")
 	for _, l := range o.Listen {
-		fmt.Fprintf(&b, "        listen %s;\n", l)
+		fmt.Fprintf(&b, "        listen %s;\n", nginxListen(l))
 	}
 	if !cfg.DisableSNIPeek {
 		b.WriteString("        ssl_preread on;\n")
@@ -106,4 +107,19 @@ func balanceArgs(o balance.Options) []string {
 		args = append(args, "--upstream", u)
 	}
 	return args
+}
+
+// nginxListen writes a listen address as nginx's listen directive takes it:
+// a port alone for every IPv4 address (nginx refuses ":443"), [::]:port for
+// IPv6's wildcard.
+func nginxListen(addr string) string {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	switch host {
+	case "", "0.0.0.0":
+		return port
+	}
+	return net.JoinHostPort(host, port)
 }
