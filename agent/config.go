@@ -356,3 +356,40 @@ func (c *Config) WritablePaths(unitDirs []string) []string {
 	add(unitDirs[0])
 	return out
 }
+
+// CheckPaths reports the paths the config names that do not exist now (a
+// typo in a path is the commonest mistake): the source pair, the cluster
+// key, Mattermost's directory, its config file, and where the pair goes.
+// `mmtls config check` runs it; the agent itself fails fast on a missing
+// source at start.
+func (c *Config) CheckPaths(file string, unitDirs []string) error {
+	var errs []error
+	missing := func(key, path, what string) {
+		if path == "" {
+			return
+		}
+		if _, err := os.Stat(path); err != nil {
+			errs = append(errs, &ConfigError{File: file, Key: key, Err: fmt.Errorf("%q: %w (%s)", path, errors.Unwrap(err), what)})
+		}
+	}
+	if !c.Source.FromCluster() {
+		missing("source.cert", c.Source.Cert, "the certificate the agent watches")
+		missing("source.key", c.Source.Key, "the key the agent watches")
+	}
+	if c.Source.FromCluster() || c.Cluster.Publish {
+		missing("cluster.key_file", c.Cluster.WithDefaults().KeyFile, "make it with mmtls cluster keygen")
+	}
+	if (c.Source.Cert != "" || c.Source.FromCluster()) && !c.Cluster.Publish {
+		o := c.Push.WithDefaults()
+		missing("push.mattermost_dir", o.MattermostDir, "Mattermost's install directory")
+		missing("push.dest_dir", o.DestDir, "where the pair is installed")
+		if env, err := mmconfig.LoadServiceEnv(o.Service+".service", unitDirs); err == nil {
+			if loc, err := mmconfig.Locate(o.MMConfig, env, o.MattermostDir); err == nil {
+				missing("push.mm_config", loc.Path, "Mattermost's config, found "+loc.Origin)
+			} else {
+				errs = append(errs, &ConfigError{File: file, Key: "push.mm_config", Err: err})
+			}
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -174,6 +175,9 @@ func (w *Watcher) Run(ctx context.Context, o WatchOptions) error {
 	if err := l.o.Push.Validate(); err != nil {
 		return err
 	}
+	if err := l.sourceExists(ctx); err != nil {
+		return err
+	}
 	l.rearm()
 	l.log.Info("watching the source pair", "cert", l.o.Push.CertFile, "key", l.o.Push.KeyFile, "dirs", l.watchedDirs())
 
@@ -222,6 +226,36 @@ func (w *Watcher) Run(ctx context.Context, o WatchOptions) error {
 
 func newWatchLoop(w *Watcher, o WatchOptions, fsw *fsnotify.Watcher) *watchLoop {
 	return &watchLoop{w: w, log: logger(w.Logger), o: o, fsw: fsw, clock: clock.Or(w.Clock), dirs: map[string]bool{}}
+}
+
+// sourceExists fails fast when a source file is missing at start: a typo
+// in the config is told at once, not retried quietly for minutes. A pair
+// caught mid-renewal (certbot swaps one link at a time) is looked at again
+// after the quiet period before it counts as missing.
+func (l *watchLoop) sourceExists(ctx context.Context) error {
+	missing := func() []string {
+		var m []string
+		for _, f := range []struct{ flag, path string }{{"--cert (source.cert)", l.o.Push.CertFile}, {"--key (source.key)", l.o.Push.KeyFile}} {
+			if _, err := os.Stat(f.path); errors.Is(err, fs.ErrNotExist) {
+				m = append(m, fmt.Sprintf("%s %q does not exist", f.flag, f.path))
+			}
+		}
+		return m
+	}
+	if len(missing()) == 0 {
+		return nil
+	}
+	t := l.clock.NewTimer(l.o.Quiet)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return nil
+	case <-t.C():
+	}
+	if m := missing(); len(m) > 0 {
+		return fmt.Errorf("watch: %s; name the files certbot (or your CA's tooling) writes: %w", strings.Join(m, "; "), push.ErrUsage)
+	}
+	return nil
 }
 
 // newTicker returns a ticker for d, or a stopped one that never fires when

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -323,5 +324,24 @@ func TestWatchRunReload(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "watch options reloaded") {
 		t.Errorf("no reload logged:\n%s", logs.String())
+	}
+}
+
+// A source that does not exist at start is a usage error after one quiet
+// period, not a quiet retry for minutes.
+func TestWatchFailsFastOnAMissingSource(t *testing.T) {
+	clk := clock.NewFake(epoch)
+	w := NewWatcher(&fakePusher{}, nil, nil)
+	w.Clock = clk
+	dir := t.TempDir()
+	o := WatchOptions{Quiet: 5 * time.Second, Push: push.Options{CertFile: filepath.Join(dir, "fullchain.pem"), KeyFile: filepath.Join(dir, "privekey.pem")}}
+	done := make(chan error, 1)
+	armed := clk.ArmedChanged()
+	go func() { done <- w.Run(context.Background(), o) }()
+	<-armed
+	clk.Advance(5 * time.Second)
+	err := <-done
+	if !errors.Is(err, push.ErrUsage) || !strings.Contains(err.Error(), `--key (source.key) "`+filepath.Join(dir, "privekey.pem")+`" does not exist`) {
+		t.Errorf("Run = %v, want a usage error naming --key", err)
 	}
 }

@@ -28,7 +28,10 @@ func newConfigCmd() *cobra.Command {
 		Short: "Validate the agent's config file and print the effective settings",
 		Long: `check reads the config file as the agent does (it must be owned by root
 and writable by no one else), reports an unknown key or a bad value with its
-key and line, and prints every setting with the defaults filled in.`,
+key and line, and prints every setting with the defaults filled in. It then
+checks that the paths the config names exist (the source pair, Mattermost's
+directory and config, the destination, the cluster key) and exits 2 naming
+each key whose path does not.`,
 		Example: `  mmtls config check --config /etc/mmtls/mmtls.toml
   mmtls config check --config /etc/mmtls/mmtls.toml --json`,
 		Args: usageArgs(cobra.NoArgs),
@@ -44,9 +47,17 @@ key and line, and prints every setting with the defaults filled in.`,
 			if err := toml.NewEncoder(&buf).Encode(c.Effective()); err != nil {
 				return err
 			}
+			// The settings print either way; paths that do not exist fail
+			// the check (exit 2), each named by its key.
+			paths := c.CheckPaths(path, nil)
+			if paths != nil {
+				paths = usageError(paths)
+			}
 			if !asJSON {
-				_, err := cmd.OutOrStdout().Write(buf.Bytes())
-				return err
+				if _, err := cmd.OutOrStdout().Write(buf.Bytes()); err != nil {
+					return err
+				}
+				return paths
 			}
 			// The same keys and values as the file takes (durations as
 			// "5s"), not Go's field names.
@@ -56,7 +67,10 @@ key and line, and prints every setting with the defaults filled in.`,
 			}
 			enc := json.NewEncoder(cmd.OutOrStdout())
 			enc.SetIndent("", "  ")
-			return enc.Encode(m)
+			if err := enc.Encode(m); err != nil {
+				return err
+			}
+			return paths
 		},
 	}
 	check.Flags().StringVar(&path, "config", agent.DefaultConfigFile, "the agent's config file")

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -23,9 +24,24 @@ func writeConfig(t *testing.T, content string) string {
 
 func TestConfigCheck(t *testing.T) {
 	path := writeConfig(t, packaging.ExampleConfig)
+	// The example names paths this machine does not have: each is named.
 	code, out, stderr := runArgs("config", "check", "--config", path)
-	if code != 0 {
-		t.Fatalf("config check of the example: exit %d: %s", code, stderr)
+	if code != exitUsage || !strings.Contains(stderr, path+": source.cert: \"/etc/letsencrypt/live/chat.example.com/fullchain.pem\": no such file") ||
+		!strings.Contains(stderr, "push.mattermost_dir") {
+		t.Errorf("config check with missing paths: exit %d: %s", code, stderr)
+	}
+	// With the paths in place, it passes.
+	root := t.TempDir()
+	for _, d := range []string{"mm/config", "le"} {
+		os.MkdirAll(filepath.Join(root, d), 0o755)
+	}
+	for _, f := range []string{"mm/config/config.json", "le/fullchain.pem", "le/privkey.pem"} {
+		os.WriteFile(filepath.Join(root, f), []byte("{}"), 0o600)
+	}
+	good := writeConfig(t, fmt.Sprintf("[source]\ncert = %q\nkey = %q\n[push]\nmattermost_dir = %q\n",
+		filepath.Join(root, "le/fullchain.pem"), filepath.Join(root, "le/privkey.pem"), filepath.Join(root, "mm")))
+	if code, _, stderr := runArgs("config", "check", "--config", good); code != 0 {
+		t.Errorf("config check with every path in place: exit %d: %s", code, stderr)
 	}
 	for _, want := range []string{`owner = "mattermost"`, `quiet = "5s"`, `mode = "auto"`, `lock_wait = "15m0s"`} {
 		if !strings.Contains(out, want) {
