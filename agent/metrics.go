@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -28,6 +29,7 @@ const DefaultMetricsPort = "9469"
 type Metrics struct {
 	Registry *prometheus.Registry
 
+	notAfterOnce sync.Once
 	notAfter     prometheus.Gauge
 	pushes       *prometheus.CounterVec
 	restarts     prometheus.Counter
@@ -71,7 +73,9 @@ func NewMetrics() *Metrics {
 		Help: "1 for the state of the current bundle's rollout: rolling, complete or halted."}, []string{"state"})
 	m.nodes = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mmtls_cluster_nodes",
 		Help: "Nodes of the cluster whose agent is alive (which=\"alive\"), and those of them that installed the current bundle (which=\"current\")."}, []string{"which"})
-	m.Registry.MustRegister(m.notAfter, m.pushes, m.restarts, m.rollbacks, m.verify, m.lastSuccess, m.events, m.lockWait, m.inconsistent,
+	// notAfter is registered at its first value: a balancer-only process
+	// manages no certificate, and a 0 there would fire expiry alerts.
+	m.Registry.MustRegister(m.pushes, m.restarts, m.rollbacks, m.verify, m.lastSuccess, m.events, m.lockWait, m.inconsistent,
 		m.bundleTime, m.rollout, m.nodes)
 	return m
 }
@@ -142,9 +146,11 @@ func (m *Metrics) sourceInconsistent(on bool) {
 }
 
 func (m *Metrics) certNotAfter(t time.Time) {
-	if m != nil {
-		m.notAfter.Set(float64(t.Unix()))
+	if m == nil {
+		return
 	}
+	m.notAfterOnce.Do(func() { m.Registry.MustRegister(m.notAfter) })
+	m.notAfter.Set(float64(t.Unix()))
 }
 
 func (m *Metrics) lockWaited(d time.Duration) {

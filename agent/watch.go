@@ -415,6 +415,8 @@ func (l *watchLoop) process(ctx context.Context, reconcile bool) {
 	case errors.Is(err, push.ErrUsage):
 		l.refused = id
 		l.log.Error("push settings are wrong; fix the config and reload", "err", err)
+	case ctx.Err() != nil:
+		l.log.Info("push stopped: the agent is stopping", "err", err)
 	default:
 		l.failures++
 		backoff := o.BackoffMin << min(l.failures-1, maxBackoffDoublings)

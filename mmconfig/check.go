@@ -148,7 +148,8 @@ func lookupSection(doc []byte, section string) (json.RawMessage, error) {
 func parseObjectChecked(doc []byte) (*object, error) {
 	if !json.Valid(doc) {
 		var v any
-		return nil, fmt.Errorf("parse config: %w", json.Unmarshal(doc, &v))
+		_ = v
+		return nil, syntaxError(doc)
 	}
 	o, err := parseObject(doc, skipWS(doc, 0))
 	if err != nil {

@@ -40,9 +40,7 @@ var ErrNotObject = errors.New("not a JSON object")
 // concurrent use.
 func Edit(doc []byte, settings []Setting) ([]byte, []Change, error) {
 	if !json.Valid(doc) {
-		var v any
-		err := json.Unmarshal(doc, &v)
-		return nil, nil, fmt.Errorf("parse config: %w", err)
+		return nil, nil, syntaxError(doc)
 	}
 	out := doc
 	var changes []Change
@@ -351,4 +349,20 @@ func scanValue(doc []byte, i int) int {
 		}
 		return i
 	}
+}
+
+// syntaxError describes why doc is not JSON, with the line and column of
+// the mistake, as an editor shows them.
+func syntaxError(doc []byte) error {
+	var v any
+	err := json.Unmarshal(doc, &v)
+	var se *json.SyntaxError
+	if errors.As(err, &se) {
+		// Offset counts the bytes read, the offending one included.
+		bad := max(min(int(se.Offset), len(doc))-1, 0)
+		line := 1 + bytes.Count(doc[:bad], []byte("\n"))
+		col := bad - bytes.LastIndexByte(doc[:bad], '\n')
+		return fmt.Errorf("parse config: line %d, column %d: %w", line, col, err)
+	}
+	return fmt.Errorf("parse config: %w", err)
 }

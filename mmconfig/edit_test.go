@@ -140,10 +140,11 @@ func TestEditRefuses(t *testing.T) {
 	tests := []struct {
 		name, doc, want string
 	}{
-		{"not json", `{"ServiceSettings": {`, "parse config: unexpected end of JSON input"},
+		{"not json", `{"ServiceSettings": {`, "parse config: line 1, column 21: unexpected end of JSON input"},
 		{"array", `[1, 2]`, "config: not a JSON object"},
 		{"section not object", `{"ServiceSettings": "x"}`, "config: ServiceSettings: not a JSON object"},
-		{"trailing garbage", `{} {}`, "parse config: invalid character '{' after top-level value"},
+		{"trailing garbage", `{} {}`, "parse config: line 1, column 4: invalid character '{' after top-level value"},
+		{"a missing comma, line 3", "{\n  \"ServiceSettings\": {\n    \"SiteURL\": \"https://x\"\n    \"ListenAddress\": \":443\"\n  }\n}", "parse config: line 4, column 5: invalid character '\"' after object key:value pair"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

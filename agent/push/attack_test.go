@@ -150,3 +150,25 @@ func TestPushLetsEncryptWarningOnlyWhenOn(t *testing.T) {
 		}
 	}
 }
+
+// Day one: a missing --key names the flag; --ca-file given gets no hint to
+// pass --ca-file.
+func TestPushNamesTheFlag(t *testing.T) {
+	tr, p := tree(t)
+	o := opts(tr, p)
+	o.KeyFile = filepath.Join(filepath.Dir(p.KeyFile), "privekey.pem")
+	_, err := (&Pusher{}).Push(context.Background(), o)
+	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), `--key "`+o.KeyFile+`": no such file`) {
+		t.Errorf("missing key: %v", err)
+	}
+	other, err := fixture.WritePair(t.TempDir(), time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	o = opts(tr, p)
+	o.CAFile = other.RootFile // a root that did not issue this chain
+	_, err = (&Pusher{}).Push(context.Background(), o)
+	if !errors.Is(err, ErrRefused) || strings.Contains(err.Error(), "pass its root certificate with --ca-file") || !strings.Contains(err.Error(), "--ca-file "+`"`+other.RootFile) {
+		t.Errorf("untrusted chain with --ca-file given: %v", err)
+	}
+}

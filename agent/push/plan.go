@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/url"
 	"os"
@@ -75,6 +76,13 @@ func (p *Pusher) prepare(ctx context.Context, o Options) (*plan, error) {
 	res.Mode = fmt.Sprintf("%04o", certs.DefaultMode)
 
 	pair, err := certs.LoadPair(o.CertFile, o.KeyFile)
+	if errors.Is(err, fs.ErrNotExist) {
+		for _, f := range []struct{ flag, path string }{{"--cert", o.CertFile}, {"--key", o.KeyFile}} {
+			if _, serr := os.Stat(f.path); errors.Is(serr, fs.ErrNotExist) {
+				return nil, refused(fmt.Errorf("%s %q: no such file (a typo? certbot names them fullchain.pem and privkey.pem)", f.flag, f.path))
+			}
+		}
+	}
 	if err != nil {
 		return nil, refused(err)
 	}
@@ -91,7 +99,7 @@ func (p *Pusher) prepare(ctx context.Context, o Options) (*plan, error) {
 	warns, err := certs.Validate(pair, pol)
 	res.Warnings = append(res.Warnings, warns...)
 	if err != nil {
-		return nil, refused(fmt.Errorf("%w%s", err, validationHint(err)))
+		return nil, refused(fmt.Errorf("%w%s", err, validationHint(err, o)))
 	}
 
 	pl.tls = mmconfig.TLS{
@@ -287,12 +295,14 @@ func checkOverrides(env *mmconfig.ServiceEnv, t mmconfig.TLS, warns *[]certs.War
 	return errors.Join(errs...)
 }
 
-func validationHint(err error) string {
+func validationHint(err error, o Options) string {
 	switch {
 	case errors.Is(err, certs.ErrHostMismatch):
 		return " (pass --allow-host-mismatch to push anyway, or --site-url to change SiteURL)"
-	case errors.Is(err, certs.ErrUntrusted):
+	case errors.Is(err, certs.ErrUntrusted) && o.CAFile == "":
 		return " (for a private CA, pass its root certificate with --ca-file)"
+	case errors.Is(err, certs.ErrUntrusted):
+		return fmt.Sprintf(" (the chain does not lead to a root in --ca-file %q: is it the right CA, and does --cert hold the intermediates?)", o.CAFile)
 	}
 	return ""
 }

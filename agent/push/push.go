@@ -162,6 +162,9 @@ func (p *Pusher) Push(ctx context.Context, o Options) (*Result, error) {
 	o = o.WithDefaults()
 	log := p.log()
 	recovered := ""
+	if !o.DryRun && os.Geteuid() != 0 {
+		return nil, refused(fmt.Errorf("mmtls push must run as root (sudo mmtls push ...): it installs files owned by %s, edits Mattermost's config and restarts it; --dry-run works as any user", o.Owner))
+	}
 	if !o.DryRun {
 		if err := stateDir(o.StateDir); err != nil {
 			return nil, err

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/mmtls/mmtls/agent/push"
+	"github.com/mmtls/mmtls/certs"
 	"github.com/spf13/cobra"
 )
 
@@ -124,7 +125,11 @@ func printPush(w io.Writer, res *push.Result, now time.Time) error {
 		if f.Suspicious != "" {
 			note = "  (was a " + f.Suspicious + ": replaced, not followed)"
 		}
-		fmt.Fprintf(tw, "\t%s\t%s%s\n", f.Path, f.Action, note)
+		action := string(f.Action)
+		if res.Status == push.StatusRolledBack && f.Action != certs.ActionUnchanged {
+			action = "put back as it was (" + action + " undone)"
+		}
+		fmt.Fprintf(tw, "\t%s\t%s%s\n", f.Path, action, note)
 	}
 	fmt.Fprintf(tw, "config:\t%s (%s)\n", res.Config.Path, res.Config.Origin)
 	if len(res.Config.Changes) == 0 {

@@ -114,6 +114,7 @@ Logs go to stderr; --json results go to stdout.
 ` + exitCodeHelp,
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		Version:       versionString(),
 		Args:          usageArgs(cobra.NoArgs),
 		RunE:          func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
 		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
