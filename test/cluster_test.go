@@ -132,3 +132,73 @@ func TestClusterNodesRestartOneAtATime(t *testing.T) {
 		}
 	}
 }
+
+// A certbot deploy hook pushing on two nodes at once: each push takes the
+// cluster lock in the database Mattermost's config names, so the restarts
+// take turns (with --cluster-mode off they overlap: the test can fail).
+func TestConcurrentPushesRestartOneAtATime(t *testing.T) {
+	ctx := context.Background()
+	pgRoot, err := os.MkdirTemp("", "mmtls-pg-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(pgRoot)
+	os.Chmod(pgRoot, 0o755)
+	pg, err := fixture.StartPostgres(ctx, filepath.Join(pgRoot, "pg"), mmUser)
+	if errors.Is(err, fixture.ErrNoPostgres) && os.Getenv("CI") != "true" {
+		t.Skipf("cluster test: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pg.Stop()
+	windows := filepath.Join(pgRoot, "windows")
+	type member struct {
+		n       *node
+		addr    string
+		restart string
+	}
+	var ms []member
+	for i := range 2 {
+		n := newNode(t)
+		var cfg map[string]map[string]any
+		b, _ := os.ReadFile(n.tree.ConfigPath)
+		json.Unmarshal(b, &cfg)
+		cfg["SqlSettings"]["DriverName"], cfg["SqlSettings"]["DataSource"] = "postgres", pg.DSN
+		b, _ = json.MarshalIndent(cfg, "", "    ")
+		os.WriteFile(n.tree.ConfigPath, b, 0o600)
+		addr, _ := fixture.PickPort()
+		name := fmt.Sprintf("node%d", i+1)
+		restart := fmt.Sprintf(`echo "start %s $(date +%%s%%N)" >> %s && %s && sleep 0.5 && echo "end %s $(date +%%s%%N)" >> %s`,
+			name, windows, n.tree.StandinCtl(standinBin, "restart"), name, windows)
+		ms = append(ms, member{n, addr, restart})
+	}
+	ps, roots := ms[0].n.pairs(1)
+	results := make(chan result, len(ms))
+	for _, m := range ms {
+		go func() {
+			results <- runMMTLS(t, m.n.pushArgs(ps[0], roots, "--listen", m.addr, "--restart-command", m.restart)...)
+		}()
+	}
+	for range ms {
+		if r := <-results; r.code != 0 {
+			t.Fatalf("push:\n%s", r)
+		}
+	}
+	b, _ := os.ReadFile(windows)
+	var ws [][2]int64
+	open := map[string]int64{}
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		f := strings.Fields(line)
+		ts, _ := strconv.ParseInt(f[2], 10, 64)
+		if f[0] == "start" {
+			open[f[1]] = ts
+		} else {
+			ws = append(ws, [2]int64{open[f[1]], ts})
+		}
+	}
+	sort.Slice(ws, func(i, j int) bool { return ws[i][0] < ws[j][0] })
+	if len(ws) != 2 || ws[1][0] < ws[0][1] {
+		t.Errorf("restart windows overlap: %v\n%s", ws, b)
+	}
+}

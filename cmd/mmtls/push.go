@@ -8,6 +8,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/mmtls/mmtls/agent"
 	"github.com/mmtls/mmtls/agent/push"
 	"github.com/mmtls/mmtls/certs"
 	"github.com/spf13/cobra"
@@ -17,6 +18,7 @@ func newPushCmd(a *app) *cobra.Command {
 	var (
 		pf                        *pushFlags
 		asJSON, noRestart, dryRun bool
+		clusterMode               string
 	)
 	cmd := &cobra.Command{
 		Use:   "push --cert FILE --key FILE",
@@ -46,6 +48,11 @@ answer OK. If anything after the install fails, the previous pair and config
 are put back, Mattermost is restarted and the previous state verified.
 A push killed half-way is finished or rolled back by the next mmtls run.
 
+In a cluster, the restart waits for a PostgreSQL advisory lock in the
+database Mattermost's config names (--cluster-mode), so a certbot deploy hook
+that pushes on every node at once restarts them one at a time:
+  certbot renew --deploy-hook 'mmtls push --cert $RENEWED_LINEAGE/fullchain.pem --key $RENEWED_LINEAGE/privkey.pem' 
+
 Running push again with the same input changes nothing; if Mattermost does
 not serve what is on disk (after --no-restart), it is restarted.
 
@@ -73,6 +80,15 @@ not serve what is on disk (after --no-restart), it is restarted.
 			o := pf.options()
 			o.NoRestart, o.DryRun = noRestart, dryRun
 			p := &push.Pusher{Logger: a.log}
+			if !noRestart && !dryRun && o.Validate() == nil {
+				// Every node's certbot hook may push at once: restarts
+				// take the cluster's lock, as the agent's do.
+				lock, err := agent.NewRestartLock(agent.ClusterConfig{Mode: clusterMode}, o, nil, a.log, nil)
+				if err != nil {
+					return usageError(fmt.Errorf("--cluster-mode: %w", err))
+				}
+				p.Cluster = lock
+			}
 			res, err := p.Push(cmd.Context(), o)
 			if res != nil {
 				if asJSON {
@@ -93,6 +109,7 @@ not serve what is on disk (after --no-restart), it is restarted.
 	f.BoolVar(&noRestart, "no-restart", false, "install and configure only; do not restart Mattermost")
 	f.BoolVar(&dryRun, "dry-run", false, "print the plan and change nothing")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON on stdout")
+	f.StringVar(&clusterMode, "cluster-mode", agent.DefaultClusterMode, "restart coordination with the other nodes: auto (a PostgreSQL lock in Mattermost's own database), postgres, splay or off")
 	return cmd
 }
 
