@@ -108,7 +108,7 @@ func (l *PostgresLock) lock(ctx context.Context) (*pgx.Conn, error) {
 	conn, err := clusterdb.Connect(cctx, l.DSN)
 	cancel()
 	if err != nil {
-		return nil, fmt.Errorf("connect to the cluster database: %w", err)
+		return nil, err // says "connect to the cluster database"
 	}
 	if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock($1)", clusterLockKey); err != nil {
 		conn.Close(context.Background())
@@ -151,9 +151,10 @@ func splay(ctx context.Context, clk clock.Clock, max time.Duration, log *slog.Lo
 
 // NewRestartLock chooses the cluster coordination for mode ("auto",
 // "postgres", "splay", "off"; "" is "auto"). With no DSN given, it reads
-// Mattermost's SqlSettings (or MM_SQLSETTINGS_* in its service's
-// environment): PostgreSQL gets the advisory lock, MySQL a splay with a
-// warning. It returns nil for "off".
+// Mattermost's SqlSettings and ClusterSettings.Enable (or MM_* overrides in
+// its service's environment): "auto" coordinates only a cluster node
+// (ClusterSettings.Enable); PostgreSQL gets the advisory lock, MySQL a
+// splay with a warning. It returns nil for "off" and a single node.
 func NewRestartLock(c ClusterConfig, o push.Options, unitDirs []string, log *slog.Logger, m *Metrics) (push.RestartLock, error) {
 	log = logger(log)
 	c = c.WithDefaults()
@@ -170,8 +171,16 @@ func NewRestartLock(c ClusterConfig, o push.Options, unitDirs []string, log *slo
 	driver := "postgres"
 	if dsn == "" {
 		var err error
-		if driver, dsn, err = mattermostDatabase(o.WithDefaults(), unitDirs); err != nil {
+		var cluster bool
+		if driver, dsn, cluster, err = mattermostCluster(o.WithDefaults(), unitDirs); err != nil {
 			return nil, err
+		}
+		if !cluster && mode == "auto" {
+			// A single node: its config names a database (often
+			// Mattermost's default, unreachable), and waiting for a lock
+			// there would only delay the restart.
+			log.Info("Mattermost's ClusterSettings.Enable is off: a single node, restarts are not coordinated (set cluster.mode or cluster.dsn to force it)")
+			return nil, nil
 		}
 	}
 	if driver == "mysql" || strings.HasPrefix(dsn, "mysql://") {
@@ -235,23 +244,30 @@ func checkDSNFiles(dsn string) error {
 // mattermostDatabase reads SqlSettings.DriverName and DataSource as
 // Mattermost sees them: the service environment wins over config.json.
 func mattermostDatabase(o push.Options, unitDirs []string) (driver, dsn string, err error) {
+	driver, dsn, _, err = mattermostCluster(o, unitDirs)
+	return driver, dsn, err
+}
+
+// mattermostCluster is mattermostDatabase, and whether Mattermost runs as a
+// cluster node (ClusterSettings.Enable, which its HA setup requires).
+func mattermostCluster(o push.Options, unitDirs []string) (driver, dsn string, cluster bool, err error) {
 	env, err := mmconfig.LoadServiceEnv(o.Service+".service", unitDirs)
 	if err != nil {
-		return "", "", err
+		return "", "", false, err
 	}
 	loc, err := mmconfig.Locate(o.MMConfig, env, o.MattermostDir)
 	if err != nil {
-		return "", "", err
+		return "", "", false, err
 	}
 	doc, err := push.ReadMattermostConfig(loc.Path)
 	if err != nil {
-		return "", "", err
+		return "", "", false, err
 	}
 	if driver, err = mmconfig.LookupString(doc, "SqlSettings", "DriverName"); err != nil {
-		return "", "", err
+		return "", "", false, err
 	}
 	if dsn, err = mmconfig.LookupString(doc, "SqlSettings", "DataSource"); err != nil {
-		return "", "", err
+		return "", "", false, err
 	}
 	if v, ok := env.Override("SqlSettings", "DriverName"); ok {
 		driver = v.Value
@@ -262,7 +278,15 @@ func mattermostDatabase(o push.Options, unitDirs []string) (driver, dsn string, 
 	if driver == "" {
 		driver = "postgres"
 	}
-	return driver, dsn, nil
+	enabled, err := mmconfig.Lookup(doc, "ClusterSettings", "Enable")
+	if err != nil {
+		return "", "", false, err
+	}
+	cluster = string(enabled) == "true"
+	if v, ok := env.Override("ClusterSettings", "Enable"); ok {
+		cluster = strings.EqualFold(v.Value, "true")
+	}
+	return driver, dsn, cluster, nil
 }
 
 func logger(l *slog.Logger) *slog.Logger {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -87,5 +88,32 @@ func TestNewRestartLockRefusesDSNFiles(t *testing.T) {
 	defer cancel()
 	if _, err := clusterdb.Connect(ctx, dsn); !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("connect = %v, want the deadline", err)
+	}
+}
+
+// "auto" coordinates only a node that Mattermost runs as part of a cluster
+// (ClusterSettings.Enable): a single node's config names a database too,
+// often an unreachable default, and waiting for a lock there would only
+// delay its restart.
+func TestNewRestartLockAutoFollowsClusterSettings(t *testing.T) {
+	dir := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, "config"), 0o755)
+	o := push.Options{MattermostDir: dir, RestartCommand: "true"}
+	for _, tt := range []struct {
+		cfg  string
+		want string
+	}{
+		{`{"SqlSettings": {"DriverName": "postgres", "DataSource": "postgres://mmuser:mostest@localhost/mattermost_test"}}`, ""},
+		{`{"SqlSettings": {"DriverName": "postgres", "DataSource": "postgres://mmuser@db/mm"}, "ClusterSettings": {"Enable": true}}`, "postgres advisory lock"},
+	} {
+		os.WriteFile(filepath.Join(dir, "config", "config.json"), []byte(tt.cfg), 0o600)
+		l, err := NewRestartLock(ClusterConfig{Mode: "auto"}, o, []string{dir}, nil, nil)
+		got := ""
+		if l != nil {
+			got = l.String()
+		}
+		if err != nil || got != tt.want {
+			t.Errorf("auto with %s: %q %v, want %q", tt.cfg, got, err, tt.want)
+		}
 	}
 }

@@ -68,6 +68,7 @@ func TestClusterNodesRestartOneAtATime(t *testing.T) {
 			t.Fatal(err)
 		}
 		cfg["SqlSettings"]["DriverName"], cfg["SqlSettings"]["DataSource"] = "postgres", pg.DSN
+		cfg["ClusterSettings"] = map[string]any{"Enable": true, "ClusterName": "mmtls-test"} // a cluster node
 		b, _ = json.MarshalIndent(cfg, "", "    ")
 		os.WriteFile(n.tree.ConfigPath, b, 0o600)
 		addr, _ := fixture.PickPort()
@@ -165,6 +166,7 @@ func TestConcurrentPushesRestartOneAtATime(t *testing.T) {
 		b, _ := os.ReadFile(n.tree.ConfigPath)
 		json.Unmarshal(b, &cfg)
 		cfg["SqlSettings"]["DriverName"], cfg["SqlSettings"]["DataSource"] = "postgres", pg.DSN
+		cfg["ClusterSettings"] = map[string]any{"Enable": true, "ClusterName": "mmtls-test"} // a cluster node
 		b, _ = json.MarshalIndent(cfg, "", "    ")
 		os.WriteFile(n.tree.ConfigPath, b, 0o600)
 		addr, _ := fixture.PickPort()

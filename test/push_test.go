@@ -2,6 +2,7 @@ package test
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -243,4 +244,26 @@ func TestPushNoOpRestartsStaleServer(t *testing.T) {
 		}
 	}
 	assertServes(t, addr, p2)
+}
+
+// --json writes one result whatever happens: a refusal and a rollback
+// carry the error, its cause and the exit code; --log-format json makes the
+// final error a JSON log line too.
+func TestPushJSONOnFailure(t *testing.T) {
+	n := newNode(t)
+	ps, roots := n.pairs(2)
+	r, res := pushJSON(t, n.pushArgs(ps[0], roots, "--key", ps[1].KeyFile, "--listen", n.listen, "--restart-command", n.restartCmd())...)
+	if r.code != 3 || res["status"] != "refused" || res["exit_code"] != float64(3) || !strings.Contains(fmt.Sprint(res["error"]), "does not match") {
+		t.Errorf("refused push: %v\n%s", res, r)
+	}
+	held := holdPort(t)
+	r, res = pushJSON(t, n.pushArgs(ps[0], roots, "--listen", held, "--restart-command", n.restartCmd(), "--verify-timeout", "2s", "--log-format", "json")...)
+	if r.code != 4 || res["status"] != "rolled-back" || res["exit_code"] != float64(4) || !strings.Contains(fmt.Sprint(res["error"]), "rolled back") {
+		t.Errorf("rolled-back push: %v\n%s", res, r)
+	}
+	lines := strings.Split(strings.TrimSpace(r.stderr), "\n")
+	var last map[string]any
+	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &last); err != nil || last["exit_code"] != float64(4) {
+		t.Errorf("the final error with --log-format json: %q (%v)", lines[len(lines)-1], err)
+	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -90,14 +91,26 @@ not serve what is on disk (after --no-restart), it is restarted.
 				p.Cluster = lock
 			}
 			res, err := p.Push(cmd.Context(), o)
-			if res != nil {
-				if asJSON {
-					enc := json.NewEncoder(cmd.OutOrStdout())
-					enc.SetIndent("", "  ")
-					if err := enc.Encode(res); err != nil {
-						return err
+			if asJSON {
+				// One result whatever happened, for scripts: refusals and
+				// rollbacks included, with the error and the exit code.
+				out := pushJSON{Result: res, ExitCode: exitCode(err)}
+				if res == nil {
+					out.Result = &push.Result{Status: push.StatusFailed}
+					if errors.Is(err, push.ErrRefused) || errors.Is(err, push.ErrUsage) {
+						out.Result.Status = "refused"
 					}
-				} else if err := printPush(cmd.OutOrStdout(), res, time.Now()); err != nil {
+				}
+				if err != nil {
+					out.Error = err.Error()
+				}
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				if err := enc.Encode(out); err != nil {
+					return err
+				}
+			} else if res != nil {
+				if err := printPush(cmd.OutOrStdout(), res, time.Now()); err != nil {
 					return err
 				}
 			}
@@ -111,6 +124,14 @@ not serve what is on disk (after --no-restart), it is restarted.
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON on stdout")
 	f.StringVar(&clusterMode, "cluster-mode", agent.DefaultClusterMode, "restart coordination with the other nodes: auto (a PostgreSQL lock in Mattermost's own database), postgres, splay or off")
 	return cmd
+}
+
+// pushJSON is `push --json`'s one result: the push's, with the error (the
+// cause of a rollback included) and the exit code.
+type pushJSON struct {
+	*push.Result
+	Error    string `json:"error,omitempty"`
+	ExitCode int    `json:"exit_code"`
 }
 
 func printPush(w io.Writer, res *push.Result, now time.Time) error {

@@ -58,8 +58,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if err == nil {
 		return exitOK
 	}
-	fmt.Fprintf(stderr, "mmtls: %v\n", err)
-	return exitCode(err)
+	code := exitCode(err)
+	if a.log != nil && strings.EqualFold(a.logFormat, "json") {
+		a.log.Error("mmtls failed", "error", err.Error(), "exit_code", code)
+	} else {
+		fmt.Fprintf(stderr, "mmtls: %v\n", err)
+	}
+	return code
 }
 
 func exitCode(err error) int {
