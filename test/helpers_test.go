@@ -14,6 +14,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -259,5 +261,87 @@ func (n *node) mustPush(p *fixture.Pair, roots string, extra ...string) {
 	n.t.Helper()
 	if r := runMMTLS(n.t, n.pushArgs(p, roots, extra...)...); r.code != 0 {
 		n.t.Fatalf("push %s:\n%s", p.CertFile, r)
+	}
+}
+
+// clusterPostgres starts a private PostgreSQL for a cluster test, in a new
+// directory that it returns; both go at the test's end. Without
+// PostgreSQL the test is skipped (failed under CI).
+func clusterPostgres(t *testing.T) (*fixture.Postgres, string) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "mmtls-pg-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	pg, err := fixture.StartPostgres(context.Background(), filepath.Join(dir, "pg"), mmUser)
+	if errors.Is(err, fixture.ErrNoPostgres) && os.Getenv("CI") != "true" {
+		t.Skipf("cluster test: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pg.Stop() })
+	return pg, dir
+}
+
+// joinCluster points the stand-in's config at pg as a cluster node's is:
+// its database, and ClusterSettings.Enable.
+func (n *node) joinCluster(pg *fixture.Postgres) {
+	n.t.Helper()
+	var cfg map[string]map[string]any
+	b, _ := os.ReadFile(n.tree.ConfigPath)
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		n.t.Fatal(err)
+	}
+	cfg["SqlSettings"]["DriverName"], cfg["SqlSettings"]["DataSource"] = "postgres", pg.DSN
+	cfg["ClusterSettings"] = map[string]any{"Enable": true, "ClusterName": "mmtls-test"}
+	b, _ = json.MarshalIndent(cfg, "", "    ")
+	os.WriteFile(n.tree.ConfigPath, b, 0o600)
+}
+
+// window is one restart that a test's restart command recorded, as lines
+// "start NAME UNIX_NS" and "end NAME UNIX_NS" in a file.
+type window struct {
+	node       string
+	start, end int64
+}
+
+// windowScript is a restart command that records its window in file around
+// restart (and a pause, while the push still holds the lock).
+func windowScript(name, file, restart string) string {
+	return fmt.Sprintf(`echo "start %s $(date +%%s%%N)" >> %s && %s; rc=$?; sleep 0.3; echo "end %s $(date +%%s%%N)" >> %s; exit $rc`,
+		name, file, restart, name, file)
+}
+
+// readWindows returns the closed windows recorded in file, by start.
+func readWindows(file string) []window {
+	b, _ := os.ReadFile(file)
+	open := map[string]int64{}
+	var ws []window
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		f := strings.Fields(line)
+		if len(f) != 3 {
+			continue
+		}
+		ts, _ := strconv.ParseInt(f[2], 10, 64)
+		if f[0] == "start" {
+			open[f[1]] = ts
+		} else {
+			ws = append(ws, window{f[1], open[f[1]], ts})
+		}
+	}
+	sort.Slice(ws, func(i, j int) bool { return ws[i].start < ws[j].start })
+	return ws
+}
+
+// assertNoOverlap fails if two restart windows overlap.
+func assertNoOverlap(t *testing.T, ws []window) {
+	t.Helper()
+	for i := 1; i < len(ws); i++ {
+		if ws[i].start < ws[i-1].end {
+			t.Errorf("%s restarted while %s was restarting", ws[i].node, ws[i-1].node)
+		}
 	}
 }

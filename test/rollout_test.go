@@ -3,13 +3,10 @@ package test
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -44,21 +41,8 @@ type member struct {
 
 func newRollout(t *testing.T, count int) *rollout {
 	t.Helper()
-	ctx := context.Background()
-	dir, err := os.MkdirTemp("", "mmtls-rollout-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	os.Chmod(dir, 0o755)
-	pg, err := fixture.StartPostgres(ctx, filepath.Join(dir, "pg"), mmUser)
-	if errors.Is(err, fixture.ErrNoPostgres) && os.Getenv("CI") != "true" {
-		t.Skipf("rollout test: %v", err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { pg.Stop() })
+	pg, dir := clusterPostgres(t)
+	var err error
 	r := &rollout{t: t, pg: pg, dir: dir, windows: filepath.Join(dir, "windows"), key: filepath.Join(dir, "cluster.key")}
 	if c := runMMTLS(t, "cluster", "keygen", "--out", r.key); c.code != 0 {
 		t.Fatalf("keygen:\n%s", c)
@@ -72,8 +56,8 @@ func newRollout(t *testing.T, count int) *rollout {
 		n := newNode(t)
 		addr, _ := fixture.PickPort()
 		m := &member{name: fmt.Sprintf("node%d", i+1), n: n, addr: addr}
-		restart := fmt.Sprintf(`test ! -e %s/fail || { echo "node asked to fail" >&2; exit 1; }; echo "start %s $(date +%%s%%N)" >> %s && %s && sleep 0.2 && echo "end %s $(date +%%s%%N)" >> %s`,
-			n.tree.Root, m.name, r.windows, n.tree.StandinCtl(standinBin, "restart"), m.name, r.windows)
+		restart := fmt.Sprintf(`test ! -e %s/fail || { echo "node asked to fail" >&2; exit 1; }; %s`,
+			n.tree.Root, windowScript(m.name, r.windows, n.tree.StandinCtl(standinBin, "restart")))
 		os.WriteFile(filepath.Join(n.tree.Root, "restart.sh"), []byte(restart+"\n"), 0o700)
 		m.conf = r.writeConf(m, r.key)
 		r.nodes = append(r.nodes, m)
@@ -177,26 +161,6 @@ func (r *rollout) status() (result, map[string]any) {
 	return res, st
 }
 
-// windows returns the restart windows recorded so far, by start.
-func (r *rollout) restartWindows() [][3]string {
-	b, _ := os.ReadFile(r.windows)
-	open := map[string]string{}
-	var ws [][3]string
-	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-		f := strings.Fields(line)
-		if len(f) != 3 {
-			continue
-		}
-		if f[0] == "start" {
-			open[f[1]] = f[2]
-		} else {
-			ws = append(ws, [3]string{f[1], open[f[1]], f[2]})
-		}
-	}
-	sort.Slice(ws, func(i, j int) bool { return ws[i][1] < ws[j][1] })
-	return ws
-}
-
 func TestRolloutThroughTheClusterDatabase(t *testing.T) {
 	r := newRollout(t, 3)
 	for _, m := range r.nodes {
@@ -209,21 +173,15 @@ func TestRolloutThroughTheClusterDatabase(t *testing.T) {
 	if res.code != 0 || !strings.Contains(res.stdout, "complete: every live node serves bundle") {
 		t.Fatalf("publish --wait:\n%s", res)
 	}
-	t.Logf("publish to all three verified: %s (%d restart windows)", time.Since(start).Round(time.Millisecond), len(r.restartWindows()))
+	t.Logf("publish to all three verified: %s (%d restart windows)", time.Since(start).Round(time.Millisecond), len(readWindows(r.windows)))
 	for _, m := range r.nodes {
 		m.n.waitServes(t, m.addr, v1)
 	}
-	ws := r.restartWindows()
+	ws := readWindows(r.windows)
 	if len(ws) != 3 {
 		t.Fatalf("%d restarts, want 3: %v", len(ws), ws)
 	}
-	for i := 1; i < len(ws); i++ {
-		a, _ := strconv.ParseInt(ws[i-1][2], 10, 64)
-		b, _ := strconv.ParseInt(ws[i][1], 10, 64)
-		if b < a {
-			t.Errorf("%s restarted while %s was restarting", ws[i][0], ws[i-1][0])
-		}
-	}
+	assertNoOverlap(t, ws)
 	st, js := r.status()
 	if st.code != 0 {
 		t.Errorf("cluster status after a complete rollout: exit %d\n%s", st.code, st)
@@ -390,8 +348,7 @@ func testRolloutRealMattermost(t *testing.T, rel fixture.Release) {
 		n := startRealNode(t, tree, listen)
 		addr, _ := fixture.PickPort()
 		m := &member{name: fmt.Sprintf("mm%d", i+1), n: n, addr: addr}
-		restart := fmt.Sprintf(`test ! -e %s/fail || exit 1; echo "start %s $(date +%%s%%N)" >> %s && %s; rc=$?; echo "end %s $(date +%%s%%N)" >> %s; exit $rc`,
-			tree.Root, m.name, r.windows, tree.StandinCtl(standinBin, "restart"), m.name, r.windows)
+		restart := fmt.Sprintf(`test ! -e %s/fail || exit 1; %s`, tree.Root, windowScript(m.name, r.windows, tree.StandinCtl(standinBin, "restart")))
 		os.WriteFile(filepath.Join(tree.Root, "restart.sh"), []byte(restart+"\n"), 0o700)
 		m.conf = r.writeConf(m, r.key)
 		r.nodes = append(r.nodes, m)
@@ -406,18 +363,11 @@ func testRolloutRealMattermost(t *testing.T, rel fixture.Release) {
 	}
 	t.Logf("publish --wait:\n%s", res.stdout)
 	var restarts time.Duration
-	ws := r.restartWindows()
-	for i, w := range ws {
-		a, _ := strconv.ParseInt(w[1], 10, 64)
-		b, _ := strconv.ParseInt(w[2], 10, 64)
-		restarts += time.Duration(b - a)
-		if i > 0 {
-			prevEnd, _ := strconv.ParseInt(ws[i-1][2], 10, 64)
-			if a < prevEnd {
-				t.Errorf("%s restarted while %s was restarting", w[0], ws[i-1][0])
-			}
-		}
+	ws := readWindows(r.windows)
+	for _, w := range ws {
+		restarts += time.Duration(w.end - w.start)
 	}
+	assertNoOverlap(t, ws)
 	if len(ws) != 3 {
 		t.Fatalf("%d restarts, want 3: %v", len(ws), ws)
 	}
