@@ -179,7 +179,7 @@ func NewRestartLock(c ClusterConfig, o push.Options, unitDirs []string, log *slo
 			// A single node: its config names a database (often
 			// Mattermost's default, unreachable), and waiting for a lock
 			// there would only delay the restart.
-			log.Info("Mattermost's ClusterSettings.Enable is off: a single node, restarts are not coordinated (set cluster.mode or cluster.dsn to force it)")
+			log.Debug("Mattermost's ClusterSettings.Enable is off: a single node, restarts are not coordinated (set cluster.mode or cluster.dsn to force it)")
 			return nil, nil
 		}
 	}

@@ -145,7 +145,7 @@ func TestPushLifecycle(t *testing.T) {
 		{"encrypted key", p2.CertFile, encrypted, "is protected by a passphrase"},
 		{"wrong host", write("wrong-host.pem", wrongHost.FullChain()), write("wrong-host.key", wrongHost.Leaf.KeyPEM), `does not cover host "chat.example.test"`},
 		{"swapped files", p2.KeyFile, p2.CertFile, "were --cert and --key given the wrong way round?"},
-		{"typo in key name", p2.CertFile, filepath.Join(filepath.Dir(p2.KeyFile), "privekey.pem"), "privekey.pem: no such file or directory"},
+		{"typo in key name", p2.CertFile, filepath.Join(filepath.Dir(p2.KeyFile), "privekey.pem"), "privekey.pem\": no such file (a typo?"},
 	}
 	before := map[string]fileState{}
 	for _, f := range []string{"fullchain.pem", "privkey.pem", "config.json"} {
