@@ -330,12 +330,9 @@ func (d *Dir) ReadFile(name string, max int64) ([]byte, *FileState, error) {
 	if why := suspicion(&st); why != "" {
 		return nil, nil, fmt.Errorf("read %q: %s: %w", path, why, ErrUntrustedFile)
 	}
-	data, err := io.ReadAll(io.LimitReader(f, max+1))
+	data, err := readBounded(f, path, max)
 	if err != nil {
-		return nil, nil, fmt.Errorf("read %q: %w", path, err)
-	}
-	if int64(len(data)) > max {
-		return nil, nil, fmt.Errorf("read %q: larger than %d bytes", path, max)
+		return nil, nil, err
 	}
 	xattrs, err := readXattrs(fd)
 	if err != nil {
@@ -584,4 +581,19 @@ func randomHex() string {
 	var b [8]byte
 	rand.Read(b[:])
 	return hex.EncodeToString(b[:])
+}
+
+// errTooLarge is readBounded's error for a file over its bound.
+var errTooLarge = errors.New("file too large")
+
+// readBounded reads all of f, refusing more than max bytes.
+func readBounded(f io.Reader, path string, max int64) ([]byte, error) {
+	data, err := io.ReadAll(io.LimitReader(f, max+1))
+	if err != nil {
+		return nil, fmt.Errorf("read %q: %w", path, err)
+	}
+	if int64(len(data)) > max {
+		return nil, fmt.Errorf("read %q: larger than %d bytes: %w", path, max, errTooLarge)
+	}
+	return data, nil
 }

@@ -11,7 +11,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"strings"
@@ -84,12 +83,9 @@ func ReadRegular(path string, max int64) ([]byte, *FileState, error) {
 	if err := unix.Fstat(fd, &st); err != nil {
 		return nil, nil, &fs.PathError{Op: "stat", Path: path, Err: err}
 	}
-	data, err := io.ReadAll(io.LimitReader(f, max+1))
+	data, err := readBounded(f, path, max)
 	if err != nil {
-		return nil, nil, fmt.Errorf("read %q: %w", path, err)
-	}
-	if int64(len(data)) > max {
-		return nil, nil, fmt.Errorf("read %q: larger than %d bytes", path, max)
+		return nil, nil, err
 	}
 	return data, &FileState{FileAttrs: FileAttrs{UID: int(st.Uid), GID: int(st.Gid), Mode: fs.FileMode(st.Mode & 0o777)}, Dev: st.Dev, Ino: st.Ino}, nil
 }
@@ -100,7 +96,7 @@ func ReadRegular(path string, max int64) ([]byte, *FileState, error) {
 // for reading.
 func readLimited(name string) ([]byte, error) {
 	data, _, err := ReadRegular(name, MaxFileSize)
-	if err != nil && strings.Contains(err.Error(), "larger than") {
+	if errors.Is(err, errTooLarge) {
 		return nil, fmt.Errorf("%s: larger than %d bytes; this is not a certificate or key file", name, MaxFileSize)
 	}
 	return data, err

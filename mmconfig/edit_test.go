@@ -234,13 +234,7 @@ func TestEditMatchesKeysAsMattermostDecodes(t *testing.T) {
 // Thousands of duplicate members cost one copy of the document, not one
 // per duplicate (which made a 680 KB file take 32 s).
 func TestEditDuplicatesIsLinear(t *testing.T) {
-	var b bytes.Buffer
-	b.WriteString(`{"ServiceSettings": {`)
-	for i := range 4000 {
-		fmt.Fprintf(&b, `"TLSKeyFile": "/old/%d", `, i)
-	}
-	b.WriteString(`"SiteURL": "https://chat.example.com"}}`)
-	doc := b.Bytes()
+	doc := duplicates(4000)
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
 	out, _, err := Edit(doc, testTLS.Settings())
@@ -257,17 +251,22 @@ func TestEditDuplicatesIsLinear(t *testing.T) {
 }
 
 func BenchmarkEditDuplicates(b *testing.B) {
-	var buf bytes.Buffer
-	buf.WriteString(`{"ServiceSettings": {`)
-	for i := range 40000 {
-		fmt.Fprintf(&buf, `"TLSKeyFile": "/old/%d", `, i)
-	}
-	buf.WriteString(`"SiteURL": "https://chat.example.com"}}`)
-	doc := buf.Bytes()
+	doc := duplicates(40000)
 	b.SetBytes(int64(len(doc)))
 	for b.Loop() {
 		if _, _, err := Edit(doc, testTLS.Settings()); err != nil {
 			b.Fatal(err)
 		}
 	}
+}
+
+// duplicates is a config with n duplicate TLSKeyFile members.
+func duplicates(n int) []byte {
+	var b bytes.Buffer
+	b.WriteString(`{"ServiceSettings": {`)
+	for i := range n {
+		fmt.Fprintf(&b, `"TLSKeyFile": "/old/%d", `, i)
+	}
+	b.WriteString(`"SiteURL": "https://chat.example.com"}}`)
+	return b.Bytes()
 }

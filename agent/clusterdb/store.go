@@ -418,9 +418,8 @@ func (s *Store) Report(ctx context.Context, n Node) error {
 				agent_version = $8, heartbeat = now(), heartbeat_every_s = $9,
 				changed_at = CASE WHEN n.state IS DISTINCT FROM $5 OR n.installed_bundle IS DISTINCT FROM $3 THEN now() ELSE n.changed_at END`,
 			n.Node, n.Address, n.InstalledBundle, n.Served, n.State, n.Result, n.Message, n.Version, int(n.HeartbeatEvery/time.Second))
-		if err == nil {
-			_, err = c.Exec(ctx, `SELECT pg_notify($1, '')`, Channel)
-		}
+		// No NOTIFY: followers care about bundles, not about each other's
+		// heartbeats; publish --wait and status read the table.
 		return err
 	})
 }
