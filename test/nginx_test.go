@@ -3,8 +3,12 @@ package test
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -84,7 +88,7 @@ func checkNginx(t *testing.T, stream string) (string, string) {
 	}
 	dir := t.TempDir()
 	conf := fmt.Sprintf("load_module %s;\npid %s/nginx.pid;\nerror_log %s/error.log;\nworker_processes 1;\nevents {}\n%s",
-		module, dir, dir, stream)
+		module, dir, dir, strings.ReplaceAll(stream, "/var/log/nginx/", dir+"/"))
 	path := filepath.Join(dir, "nginx.conf")
 	os.WriteFile(path, []byte(conf), 0o644)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -216,4 +220,138 @@ func TestExportsTakeTheREADMEsAddresses(t *testing.T) {
 	if out, err := exec.CommandContext(ctx, haproxy, "-c", "-f", path).CombinedOutput(); r.code != 0 || err != nil {
 		t.Errorf("haproxy -c: %v\n%s\n%s", err, out, r.stdout)
 	}
+}
+
+// The exports say every setting: the header names each flag, what the
+// engine has is written, and what it lacks is a comment naming the flag.
+func TestExportsSayEverySetting(t *testing.T) {
+	pair, err := fixture.WritePair(t.TempDir(), time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"balance", "--listen", ":443", "--upstream", "10.0.0.1:443", "--upstream", "10.0.0.2:443,weight=2",
+		"--sni-allow", "chat.example.test", "--redirect-http", ":80", "--site-url", "https://chat.example.test",
+		"--acme-webroot", "/var/www/acme", "--health-check", "ping", "--health-server-name", "chat.example.test",
+		"--ca-file", pair.RootFile, "--max-conns", "1000", "--drain-timeout", "1m"}
+	for _, engine := range []string{"nginx", "haproxy"} {
+		r := runMMTLS(t, append(args, "--print", engine)...)
+		if r.code != 0 {
+			t.Fatalf("--print %s:\n%s", engine, r)
+		}
+		header, _, _ := strings.Cut(r.stdout, "\n")
+		for _, flag := range []string{"--sni-allow", "--redirect-http", "--site-url", "--acme-webroot", "--health-check", "--ca-file", "--max-conns", "--drain-timeout"} {
+			if !strings.Contains(header, flag) {
+				t.Errorf("%s: the header omits %s: %s", engine, flag, header)
+			}
+		}
+		want := map[string][]string{
+			"nginx": {"stream {} goes at the top level", "map $ssl_preread_server_name", "access_log", "return 301 https://chat.example.test$request_uri",
+				"root /var/www/acme", "limit_conn mmtls_conns 1000", "#   --health-check ping:", "#   --ca-file:", "#   --drain-timeout:"},
+			"haproxy": {"log /dev/log", "option tcplog", "req.ssl_sni -i chat.example.test", "check-sni chat.example.test", "verify required",
+				"ca-file " + pair.RootFile, "maxconn 1000", "redirect prefix https://chat.example.test", "#   --acme-webroot:", "#   --drain-timeout:"},
+		}[engine]
+		for _, w := range want {
+			if !strings.Contains(r.stdout, w) {
+				t.Errorf("--print %s lacks %q:\n%s", engine, w, r.stdout)
+			}
+		}
+		if engine == "nginx" {
+			checkNginx(t, r.stdout)
+		} else {
+			checkHAProxy(t, r.stdout)
+		}
+	}
+	// Without --health-check HAProxy still checks (a TCP connect is free).
+	r := runMMTLS(t, "balance", "--listen", ":443", "--upstream", "10.0.0.1:443", "--print", "haproxy")
+	if !strings.Contains(r.stdout, "server node1 10.0.0.1:443 check") {
+		t.Errorf("--print haproxy without --health-check has no check:\n%s", r.stdout)
+	}
+}
+
+// checkHAProxy runs haproxy -c on a configuration mmtls wrote.
+func checkHAProxy(t *testing.T, cfg string) {
+	t.Helper()
+	haproxy := needTool(t, "haproxy", "/usr/sbin/haproxy")
+	path := filepath.Join(t.TempDir(), "haproxy.cfg")
+	os.WriteFile(path, []byte(cfg), 0o644)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, haproxy, "-c", "-f", path).CombinedOutput(); err != nil {
+		t.Errorf("haproxy -c: %v\n%s\n%s", err, out, cfg)
+	}
+}
+
+// A real nginx running the export closes what mmtls balance closes (a
+// server name not allowed, plain HTTP on the TLS port) and redirects and
+// serves ACME challenges as it does.
+func TestNginxExportBehavesAsTheBalancer(t *testing.T) {
+	node := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "node") }))
+	node.StartTLS()
+	defer node.Close()
+	webroot := t.TempDir()
+	// nginx's workers run as nobody: the webroot must be theirs to read.
+	os.Chmod(filepath.Dir(webroot), 0o755)
+	os.Chmod(webroot, 0o755)
+	os.MkdirAll(filepath.Join(webroot, ".well-known", "acme-challenge"), 0o755)
+	os.WriteFile(filepath.Join(webroot, ".well-known", "acme-challenge", "tok123"), []byte("tok123.thumb"), 0o644)
+	flags := []string{"--upstream", node.Listener.Addr().String(), "--sni-allow", "chat.example.test",
+		"--site-url", "https://chat.example.test", "--acme-webroot", webroot}
+
+	nginxTLS, _ := fixture.PickPort()
+	nginxHTTP, _ := fixture.PickPort()
+	r := runMMTLS(t, append([]string{"balance", "--listen", nginxTLS, "--redirect-http", nginxHTTP, "--print", "nginx"}, flags...)...)
+	if r.code != 0 {
+		t.Fatalf("--print nginx:\n%s", r)
+	}
+	startNginx(t, r.stdout)
+	balHTTP, _ := fixture.PickPort()
+	bal := startBalancer(t, append([]string{"--redirect-http", balHTTP}, flags...)...)
+
+	for _, engine := range []struct{ name, tls, http string }{{"nginx", nginxTLS, nginxHTTP}, {"mmtls", bal.addr, balHTTP}} {
+		waitFor(t, 10*time.Second, func() error { return handshake(engine.tls, "chat.example.test") })
+		if err := handshake(engine.tls, "other.example.test"); err == nil {
+			t.Errorf("%s: a server name not allowed reached the node", engine.name)
+		}
+		c, err := net.DialTimeout("tcp", engine.tls, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(15 * time.Second))
+		io.WriteString(c, "GET / HTTP/1.0\r\n\r\n")
+		if got, _ := io.ReadAll(c); len(got) != 0 {
+			t.Errorf("%s: plain HTTP on the TLS port reached the node: %q", engine.name, got)
+		}
+		c.Close()
+
+		client := &http.Client{Timeout: 5 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+		resp, err := client.Get("http://" + engine.http + "/channels/town-square?x=1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 301 || resp.Header.Get("Location") != "https://chat.example.test/channels/town-square?x=1" {
+			t.Errorf("%s: redirect: %d %q", engine.name, resp.StatusCode, resp.Header.Get("Location"))
+		}
+		resp, err = client.Get("http://" + engine.http + "/.well-known/acme-challenge/tok123")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(body) != "tok123.thumb" {
+			t.Errorf("%s: ACME challenge: %d %q", engine.name, resp.StatusCode, body)
+		}
+	}
+}
+
+// handshake completes a TLS handshake through addr with server name sni.
+func handshake(addr, sni string) error {
+	d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: 5 * time.Second}, Config: &tls.Config{ServerName: sni, InsecureSkipVerify: true}}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return err
+	}
+	return c.Close()
 }
