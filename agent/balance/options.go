@@ -30,7 +30,7 @@ var ErrInvalid = errors.New("invalid balancer settings")
 // Options are `mmtls balance`'s settings: each field is one flag (the flag
 // tag) and one key of the agent's config file's [balance] section (the toml
 // tag). Zero values mean the defaults of passthrough.Config (see Defaults);
-// SNIPeek nil means true.
+// SNIPeek and LogConnections nil mean true.
 type Options struct {
 	Listen           []string      `toml:"listen" flag:"listen" help:"address to listen on, [host]:port (repeatable; required)"`
 	Upstreams        []string      `toml:"upstreams" flag:"upstream" help:"a Mattermost node, HOST:PORT[,weight=N] (repeatable; required)"`
@@ -40,6 +40,7 @@ type Options struct {
 	HealthServerName string        `toml:"health_server_name" flag:"health-server-name" help:"server name for tls and ping checks (SiteURL's host)"`
 	CAFile           string        `toml:"ca_file" flag:"ca-file" help:"roots that verify the nodes' certificates in tls and ping checks (default: the system's)"`
 	SNIPeek          *bool         `toml:"sni_peek" flag:"sni-peek" help:"read the ClientHello to log the server name and close non-TLS traffic"`
+	LogConnections   *bool         `toml:"log_connections" flag:"log-connections" help:"log one line per connection as it ends (client, server name, node, bytes, duration, why) and each refusal"`
 	SNIAllow         []string      `toml:"sni_allow" flag:"sni-allow" help:"only accept this server name (repeatable; needs --sni-peek)"`
 	ConnectTimeout   time.Duration `toml:"connect_timeout" flag:"connect-timeout" help:"timeout of one connect to a node"`
 	IdleTimeout      time.Duration `toml:"idle_timeout" flag:"idle-timeout" help:"close a connection idle both ways this long"`
@@ -56,12 +57,13 @@ type Options struct {
 // Defaults returns the options with every default written out: what the
 // flags show, what `mmtls config check` prints, and what runs.
 func Defaults() Options {
-	peek := true
+	peek, logConns := true, true
 	return Options{
 		Method:         string(passthrough.MethodHash),
 		HealthCheck:    string(passthrough.HealthNone),
 		HealthInterval: passthrough.DefaultHealthInterval,
 		SNIPeek:        &peek,
+		LogConnections: &logConns,
 		ConnectTimeout: passthrough.DefaultConnectTimeout,
 		IdleTimeout:    passthrough.DefaultIdleTimeout,
 		ControlSocket:  DefaultControlSocket,
@@ -82,6 +84,9 @@ func (o Options) WithDefaults() Options {
 	}
 	if o.SNIPeek == nil {
 		o.SNIPeek = d.SNIPeek
+	}
+	if o.LogConnections == nil {
+		o.LogConnections = d.LogConnections
 	}
 	if o.ConnectTimeout == 0 {
 		o.ConnectTimeout = d.ConnectTimeout
@@ -121,6 +126,7 @@ func (o Options) Config(log *slog.Logger) (passthrough.Config, error) {
 	cfg := passthrough.Config{
 		Method: passthrough.Method(o.Method), ConnectTimeout: o.ConnectTimeout, IdleTimeout: o.IdleTimeout,
 		DisableSNIPeek: !peek, DrainTimeout: o.DrainTimeout, MaxConns: o.MaxConns, Logger: log,
+		LogConnections: o.LogConnections == nil || *o.LogConnections,
 		Health: passthrough.HealthConfig{Mode: passthrough.HealthMode(o.HealthCheck), Interval: o.HealthInterval, ServerName: o.HealthServerName},
 	}
 	for _, n := range o.SNIAllow {

@@ -321,7 +321,7 @@ func (b *Balancer) cutDrained(u *upstream) {
 	b.mu.Unlock()
 	b.log.Info("drain deadline passed; closing the upstream's connections", "upstream", u.Addr, "connections", len(cs))
 	for _, c := range cs {
-		c.close()
+		c.close("drain deadline")
 	}
 }
 

@@ -82,8 +82,12 @@ type Config struct {
 	// end by themselves, so set it.
 	DrainTimeout time.Duration
 
-	// Logger receives connection-level events at debug and state changes
-	// at info. Nil discards.
+	// LogConnections logs one line at info for each connection when it
+	// ends (client, server name, node, bytes each way, duration, why) and
+	// each refused one; without it refusals are debug lines.
+	LogConnections bool
+
+	// Logger receives connection events and state changes. Nil discards.
 	Logger *slog.Logger
 }
 
@@ -129,6 +133,13 @@ const (
 	DefaultRise           = 2
 	DefaultFall           = 3
 )
+
+func (c *Config) refusalLevel() slog.Level {
+	if c.LogConnections {
+		return slog.LevelInfo
+	}
+	return slog.LevelDebug
+}
 
 func (c *Config) connectTimeout() time.Duration { return or(c.ConnectTimeout, DefaultConnectTimeout) }
 func (c *Config) nextTimeout() time.Duration {

@@ -21,36 +21,71 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b 
 // forward forwards bytes both ways between client and upstream, in two
 // goroutines of its own, until both directions end, carrying half-closes
 // across, or until neither direction has moved a byte for idle; then it
-// calls done. It returns at once and closes neither connection. toUp and
-// toClient count the bytes forwarded each way.
-func forward(client, upstream net.Conn, idle time.Duration, toUp, toClient *atomic.Int64, done func()) {
+// calls done with what moved and why it ended. It returns at once and
+// closes neither connection. toUp and toClient count the bytes forwarded
+// each way (the upstream's totals).
+func forward(client, upstream net.Conn, idle time.Duration, toUp, toClient *atomic.Int64, done func(copied)) {
 	h := &halves{done: done}
 	h.last.Store(time.Now().UnixNano())
 	h.left.Store(2)
-	go copyHalf(upstream, client, idle, h, toUp)
-	go copyHalf(client, upstream, idle, h, toClient)
+	go copyHalf(upstream, client, idle, h, toUp, fromClient)
+	go copyHalf(client, upstream, idle, h, toClient, fromUpstream)
+}
+
+// The directions of a connection, by the side bytes come from.
+const (
+	fromClient = iota
+	fromUpstream
+)
+
+// copied is what one connection moved and why it ended.
+type copied struct {
+	bytes  [2]int64 // by direction
+	reason string   // the first end: "client closed", "idle timeout"...
 }
 
 // halves is what the two directions of one connection share.
 type halves struct {
-	last atomic.Int64 // UnixNano of the last byte moved either way
-	left atomic.Int32 // directions still running
-	done func()
+	last  atomic.Int64 // UnixNano of the last byte moved either way
+	left  atomic.Int32 // directions still running
+	first atomic.Int32 // 1 + the direction that ended first on its own
+	// Each direction writes only its own element; done reads both after
+	// the last direction's decrement of left.
+	out  copied
+	why  [2]string
+	done func(copied)
 }
 
-func (h *halves) finish() {
+// end records why direction dir ended. Ends caused by the other direction
+// closing (net.ErrClosed) pass reason "" and never count as the first.
+func (h *halves) end(dir int, reason string) {
+	if reason != "" {
+		h.why[dir] = reason
+		h.first.CompareAndSwap(0, int32(dir)+1)
+	}
 	if h.left.Add(-1) == 0 {
-		h.done()
+		if f := h.first.Load(); f > 0 {
+			h.out.reason = h.why[f-1]
+		}
+		h.done(h.out)
 	}
 }
+
+// Why a direction ended, by its source.
+var (
+	closedBy  = [2]string{"client closed", "node closed"}
+	failedBy  = [2]string{"client error", "node error"}
+	writeFail = [2]string{"write to node failed", "write to client failed"}
+)
 
 // copyHalf copies src to dst. While src is idle it holds no buffer: it
 // waits for readability through the descriptor, and a buffer is borrowed
 // from the pool only for the read that finds data (and given back when the
 // read would block). At src's EOF it half-closes dst. If neither direction
 // has moved for idle, it closes both to end the other half too.
-func copyHalf(dst, src net.Conn, idle time.Duration, h *halves, count *atomic.Int64) {
-	defer h.finish()
+func copyHalf(dst, src net.Conn, idle time.Duration, h *halves, count *atomic.Int64, dir int) {
+	reason := ""
+	defer func() { h.end(dir, reason) }()
 	last := &h.last
 	rc := rawConn(src)
 	for {
@@ -61,26 +96,35 @@ func copyHalf(dst, src net.Conn, idle time.Duration, h *halves, count *atomic.In
 			_, werr := dst.Write((*bp)[:n])
 			bufPool.Put(bp)
 			if werr != nil {
+				if !errors.Is(werr, net.ErrClosed) {
+					reason = writeFail[dir]
+				}
 				src.Close()
 				return
 			}
 			count.Add(int64(n))
+			h.out.bytes[dir] += int64(n)
 		} else if bp != nil {
 			bufPool.Put(bp)
 		}
 		switch {
 		case err == nil:
 		case err == io.EOF:
+			reason = closedBy[dir]
 			closeWrite(dst)
 			return
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			if time.Since(time.Unix(0, last.Load())) < idle {
 				continue // the other direction moved: not idle
 			}
+			reason = "idle timeout"
 			src.Close()
 			dst.Close()
 			return
 		default:
+			if !errors.Is(err, net.ErrClosed) {
+				reason = failedBy[dir]
+			}
 			dst.Close()
 			return
 		}

@@ -50,7 +50,7 @@ func (b *Balancer) recordCheck(u *upstream, h HealthConfig, err error) {
 	}
 	b.mu.Unlock()
 	for _, c := range cut {
-		c.close()
+		c.close("node down")
 	}
 }
 

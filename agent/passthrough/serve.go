@@ -3,6 +3,7 @@ package passthrough
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"net"
 	"slices"
 	"strings"
@@ -89,6 +90,7 @@ type conn struct {
 	mu       sync.Mutex
 	upstream net.Conn
 	closed   bool
+	reason   string // why the balancer closed it, if it did
 }
 
 func (c *conn) setUpstream(u net.Conn) bool {
@@ -101,14 +103,15 @@ func (c *conn) setUpstream(u net.Conn) bool {
 	return true
 }
 
-// close closes both sides; safe to call more than once, from any goroutine.
-func (c *conn) close() {
+// close closes both sides, the balancer's reason for it noted if it is the
+// first; safe to call more than once, from any goroutine.
+func (c *conn) close(reason string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
 		return
 	}
-	c.closed = true
+	c.closed, c.reason = true, reason
 	c.client.Close()
 	if c.upstream != nil {
 		c.upstream.Close()
@@ -133,8 +136,13 @@ func (b *Balancer) handle(client net.Conn) {
 	cfg := b.cfg
 	b.mu.Unlock()
 	var u *upstream
-	finish := func() {
-		c.close()
+	start := time.Now()
+	var sni string
+	finish := func(out copied) {
+		c.close("")
+		if u != nil && cfg.LogConnections && b.log.Enabled(context.Background(), slog.LevelInfo) {
+			b.logClosed(c, u, sni, start, out)
+		}
 		if u != nil {
 			b.released(u, c)
 		}
@@ -148,38 +156,59 @@ func (b *Balancer) handle(client net.Conn) {
 	var hello []byte
 	if !cfg.DisableSNIPeek {
 		client.SetReadDeadline(time.Now().Add(cfg.helloTimeout()))
-		h, sni, err := peekClientHello(client)
+		h, name, err := peekClientHello(client)
 		if err != nil {
-			b.log.Debug("closing connection: no TLS ClientHello", "client", client.RemoteAddr().String(), "err", err)
-			finish()
+			b.log.Log(context.Background(), cfg.refusalLevel(), "closing connection: no TLS ClientHello", "client", client.RemoteAddr().String(), "err", err)
+			finish(copied{})
 			return
 		}
 		client.SetReadDeadline(time.Time{})
-		if len(cfg.SNIAllow) > 0 && !slices.Contains(cfg.SNIAllow, strings.ToLower(sni)) {
-			b.log.Info("closing connection: server name not allowed", "client", client.RemoteAddr().String(), "sni", sni)
-			finish()
+		if len(cfg.SNIAllow) > 0 && !slices.Contains(cfg.SNIAllow, strings.ToLower(name)) {
+			b.log.Log(context.Background(), cfg.refusalLevel(), "closing connection: server name not allowed", "client", client.RemoteAddr().String(), "sni", name)
+			finish(copied{})
 			return
 		}
-		b.log.Debug("client hello", "client", client.RemoteAddr().String(), "sni", sni)
-		hello = h
+		hello, sni = h, name
 	}
 
 	var up net.Conn
 	u, up = b.connect(c, clientKey(client.RemoteAddr()))
 	if up == nil {
-		b.log.Warn("closing connection", "client", client.RemoteAddr().String(), "err", ErrNoLiveUpstreams)
-		finish()
+		b.log.Warn("closing connection", "client", client.RemoteAddr().String(), "sni", sni, "err", ErrNoLiveUpstreams)
+		finish(copied{})
 		return
 	}
-	b.log.Debug("proxying", "client", client.RemoteAddr().String(), "upstream", u.Addr)
 	if len(hello) > 0 {
 		if _, err := up.Write(hello); err != nil {
-			finish()
+			finish(copied{reason: writeFail[fromClient]})
 			return
 		}
 		u.toUpstream.Add(int64(len(hello)))
 	}
-	forward(c.client, up, cfg.idleTimeout(), &u.toUpstream, &u.toClient, finish)
+	forward(c.client, up, cfg.idleTimeout(), &u.toUpstream, &u.toClient, func(out copied) {
+		out.bytes[fromClient] += int64(len(hello))
+		finish(out)
+	})
+}
+
+// logClosed writes the one line of a connection that reached a node: who,
+// where, what moved each way, how long, and why it ended (the balancer's
+// reason, if it closed it, comes first).
+func (b *Balancer) logClosed(c *conn, u *upstream, sni string, start time.Time, out copied) {
+	c.mu.Lock()
+	reason := c.reason
+	c.mu.Unlock()
+	if reason == "" {
+		reason = out.reason
+	}
+	b.log.LogAttrs(context.Background(), slog.LevelInfo, "connection closed",
+		slog.String("client", c.client.RemoteAddr().String()),
+		slog.String("sni", sni),
+		slog.String("upstream", u.Addr),
+		slog.Int64("bytes_up", out.bytes[fromClient]),
+		slog.Int64("bytes_down", out.bytes[fromUpstream]),
+		slog.Duration("duration", time.Since(start).Round(time.Millisecond)),
+		slog.String("reason", reason))
 }
 
 // connect dials upstreams in the method's order until one answers, within
@@ -272,7 +301,7 @@ func (b *Balancer) Shutdown(ctx context.Context) error {
 	b.mu.Unlock()
 	b.log.Info("shutdown deadline passed; closing connections", "connections", len(left))
 	for _, c := range left {
-		c.close()
+		c.close("shutdown deadline")
 	}
 	<-done
 	return ctx.Err()
