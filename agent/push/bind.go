@@ -33,23 +33,62 @@ AmbientCapabilities=CAP_NET_BIND_SERVICE
 // capNetBindService is CAP_NET_BIND_SERVICE's bit number.
 const capNetBindService = 10
 
+// bindPlan is what Mattermost, running as its own user, needs to listen on
+// a port below 1024: nothing (the zero value), the systemd drop-in, or the
+// file capability on its binary.
+type bindPlan struct {
+	port   int
+	dropIn string // the drop-in's path, under systemd
+	binary string // the binary, with --restart-command
+}
+
+// planBind works out the bind privilege for listen, changing nothing.
+func (p *Pusher) planBind(o Options, listen string, uid int, unitFile string) bindPlan {
+	ps, err := mmconfig.ListenPort(listen)
+	if err != nil {
+		return bindPlan{} // Check already refused a bad ListenAddress
+	}
+	port, err := strconv.Atoi(ps)
+	if err != nil || port >= 1024 || uid == 0 {
+		return bindPlan{}
+	}
+	if o.RestartCommand == "" && unitFile != "" {
+		if unitGrants(p.UnitDirs, o.Service) {
+			return bindPlan{}
+		}
+		dirs := p.UnitDirs
+		if dirs == nil {
+			dirs = mmconfig.DefaultUnitDirs()
+		}
+		return bindPlan{port: port, dropIn: filepath.Join(dirs[0], o.Service+".service.d", bindDropIn)}
+	}
+	return bindPlan{port: port, binary: filepath.Join(o.MattermostDir, "bin", "mattermost")}
+}
+
+// String says what the plan does, for --dry-run and --no-restart.
+func (b bindPlan) String() string {
+	switch {
+	case b.dropIn != "":
+		return fmt.Sprintf("write %s (AmbientCapabilities=CAP_NET_BIND_SERVICE) and reload systemd, so Mattermost may bind port %d", b.dropIn, b.port)
+	case b.binary != "":
+		return fmt.Sprintf("give %s the file capability cap_net_bind_service, if it lacks it, so Mattermost may bind port %d", b.binary, b.port)
+	}
+	return ""
+}
+
 // bindPrivilege makes sure Mattermost, running as uid, may listen on the
 // port of listen. It returns a note on what it did ("" for nothing), how
 // to undo it (nil for nothing to undo) and warnings.
 func (p *Pusher) bindPrivilege(ctx context.Context, o Options, listen string, uid int, unitFile string) (string, func() error, []string, error) {
-	ps, err := mmconfig.ListenPort(listen)
-	if err != nil {
-		return "", nil, nil, nil // Check already refused a bad ListenAddress
-	}
-	port, err := strconv.Atoi(ps)
-	if err != nil || port >= 1024 || uid == 0 {
+	plan := p.planBind(o, listen, uid, unitFile)
+	switch {
+	case plan.dropIn != "":
+		note, err := writeBindDropIn(ctx, plan.dropIn)
+		return note, nil, nil, err
+	case plan.binary == "":
 		return "", nil, nil, nil
 	}
-	if o.RestartCommand == "" && unitFile != "" {
-		note, warns, err := p.bindDropIn(ctx, o.Service)
-		return note, nil, warns, err
-	}
-	bin := filepath.Join(o.MattermostDir, "bin", "mattermost")
+	bin, port := plan.binary, plan.port
 	undo, changed, err := setBindCapability(bin)
 	if errors.Is(err, fs.ErrNotExist) {
 		return "", nil, []string{fmt.Sprintf("Mattermost must be allowed to bind port %d, but %s was not found to give it the capability; "+
@@ -66,30 +105,24 @@ func (p *Pusher) bindPrivilege(ctx context.Context, o Options, listen string, ui
 	return "set cap_net_bind_service on " + bin, undo, warn, nil
 }
 
-func (p *Pusher) bindDropIn(ctx context.Context, service string) (string, []string, error) {
-	dirs := p.UnitDirs
-	if dirs == nil {
-		dirs = mmconfig.DefaultUnitDirs()
-	}
-	dir := filepath.Join(dirs[0], service+".service.d")
-	if unitGrants(p.UnitDirs, service) {
-		return "", nil, nil
-	}
+// writeBindDropIn writes the drop-in at path and reloads systemd.
+func writeBindDropIn(ctx context.Context, path string) (string, error) {
+	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", nil, fmt.Errorf("create drop-in directory: %w", err)
+		return "", fmt.Errorf("create drop-in directory: %w", err)
 	}
 	d, err := certs.OpenDir(dir)
 	if err != nil {
-		return "", nil, err
+		return "", err
 	}
 	defer d.Close()
-	if err := d.WriteFile(bindDropIn, []byte(bindDropInContent), certs.FileAttrs{UID: 0, GID: 0, Mode: 0o644}); err != nil {
-		return "", nil, err
+	if err := d.WriteFile(filepath.Base(path), []byte(bindDropInContent), certs.FileAttrs{UID: 0, GID: 0, Mode: 0o644}); err != nil {
+		return "", err
 	}
 	if err := SystemctlDaemonReload(ctx); err != nil {
-		return "", nil, err
+		return "", err
 	}
-	return "wrote " + filepath.Join(dir, bindDropIn), nil, nil
+	return "wrote " + path, nil
 }
 
 // unitGrants reports whether the service's unit or a drop-in already grants

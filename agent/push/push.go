@@ -106,7 +106,11 @@ type Result struct {
 	// BindPrivilege says what was done so Mattermost may bind a port
 	// below 1024; empty when nothing was needed.
 	BindPrivilege string `json:"bind_privilege,omitempty"`
-	Restarted     bool   `json:"restarted"`
+	// Restart is what restarts Mattermost (the unit or the command), and
+	// Verify what must then be seen; both empty with --no-restart.
+	Restart   string `json:"restart,omitempty"`
+	Verify    string `json:"verify,omitempty"`
+	Restarted bool   `json:"restarted"`
 	// Verified: Mattermost was seen serving the new leaf and answering its ping.
 	Verified bool `json:"verified"`
 	// Recovered says what was done about a push an earlier run left
@@ -186,6 +190,7 @@ func (p *Pusher) Push(ctx context.Context, o Options) (*Result, error) {
 	res.Recovered = recovered
 	res.Timings.Plan = ms(time.Since(start))
 	defer func() { res.Timings.Total = ms(time.Since(start)) }()
+	p.describePlan(pl)
 	for _, w := range res.Warnings {
 		log.Warn(w.Message, "code", w.Code)
 	}
@@ -209,6 +214,33 @@ func (p *Pusher) Push(ctx context.Context, o Options) (*Result, error) {
 	}
 	res.Status = StatusChanged
 	return res, nil
+}
+
+// describePlan fills in what the push restarts, verifies and sets up for
+// the bind privilege, so that --dry-run shows every step; with --no-restart
+// it warns when Mattermost would lack the privilege at its next restart.
+func (p *Pusher) describePlan(pl *plan) {
+	o, res := pl.o, pl.res
+	listen := pl.tls.ListenAddress
+	if listen == "" {
+		listen = mmconfig.DefaultListenAddress
+	}
+	bind := p.planBind(o, listen, pl.uid, pl.env.Unit)
+	if o.NoRestart {
+		if bind.port != 0 {
+			res.Warnings = append(res.Warnings, certs.Warning{Code: "bind-privilege",
+				Message: fmt.Sprintf("--no-restart sets up nothing for Mattermost to bind port %d at its next restart; a push without --no-restart would %s (or set it up yourself)", bind.port, bind)})
+		}
+		return
+	}
+	res.Restart = p.manager(o).String()
+	if p.Cluster != nil {
+		res.Restart += ", holding the cluster restart lock (" + p.Cluster.String() + ")"
+	}
+	res.Verify = pl.newExp.Describe()
+	if o.DryRun && bind.port != 0 {
+		res.BindPrivilege = "would " + bind.String()
+	}
 }
 
 // noop handles a push whose files and config are already in place: unless

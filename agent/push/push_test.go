@@ -235,3 +235,52 @@ func TestBackupRetention(t *testing.T) {
 		t.Errorf("newest backup directory pruned: %v", err)
 	}
 }
+
+// A dry run says every step: the restart, the bind privilege it would set
+// up, and what the verification checks; it writes none of them. With
+// --no-restart to a port below 1024 the push warns that nothing was set up
+// for Mattermost to bind it.
+func TestPushPlanSaysEveryStep(t *testing.T) {
+	tr, p := tree(t)
+	os.WriteFile(filepath.Join(tr.UnitDir, "mattermost.service"), []byte("[Service]\nExecStart=/opt/mattermost/bin/mattermost\n"), 0o644)
+	pusher := &Pusher{UnitDirs: []string{tr.UnitDir}}
+	o := opts(tr, p)
+	o.Listen, o.NoRestart, o.DryRun = ":443", false, true
+	res, err := pusher.Push(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dropIn := filepath.Join(tr.UnitDir, "mattermost.service.d", bindDropIn)
+	if res.Restart != "systemctl restart mattermost" {
+		t.Errorf("restart = %q", res.Restart)
+	}
+	fp := certs.Fingerprint(p.Chain.Leaf.Cert)
+	for _, want := range []string{"127.0.0.1:443", fixture.SiteHost, fp, "/api/v4/system/ping"} {
+		if !strings.Contains(res.Verify, want) {
+			t.Errorf("verify %q lacks %q", res.Verify, want)
+		}
+	}
+	if !strings.Contains(res.BindPrivilege, dropIn) || !strings.Contains(res.BindPrivilege, "port 443") {
+		t.Errorf("bind privilege = %q", res.BindPrivilege)
+	}
+	if _, err := os.Stat(dropIn); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a dry run wrote the drop-in: %v", err)
+	}
+
+	o.RestartCommand = "true"
+	if res, _ = pusher.Push(context.Background(), o); res.Restart != "true" || !strings.Contains(res.BindPrivilege, "cap_net_bind_service") {
+		t.Errorf("with --restart-command: restart %q, bind %q", res.Restart, res.BindPrivilege)
+	}
+
+	o.RestartCommand, o.NoRestart, o.DryRun = "", true, false
+	if res, err = pusher.Push(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, w := range res.Warnings {
+		found = found || w.Code == "bind-privilege" && strings.Contains(w.Message, "--no-restart") && strings.Contains(w.Message, dropIn)
+	}
+	if !found || res.Restart != "" {
+		t.Errorf("--no-restart to :443: warnings %v, restart %q", res.Warnings, res.Restart)
+	}
+}

@@ -56,6 +56,22 @@ func (e Expectation) String() string {
 	return "TLS on " + e.Addr + " with certificate " + e.Leaf
 }
 
+// Describe says in full what a verification of e checks.
+func (e Expectation) Describe() string {
+	if !e.TLS {
+		return fmt.Sprintf("GET %s on plain HTTP at %s answers OK", e.PingPath, e.Addr)
+	}
+	name := e.ServerName
+	if e.SkipHostCheck {
+		name += " (chain only, --allow-host-mismatch)"
+	}
+	leaf := "a trusted certificate"
+	if e.Leaf != "" {
+		leaf = "certificate " + e.Leaf
+	}
+	return fmt.Sprintf("TLS 1.2 and 1.3 handshakes to %s for %s present %s, and GET %s answers OK", e.Addr, name, leaf, e.PingPath)
+}
+
 // Verifier checks that Mattermost serves what it should, with real TLS
 // handshakes and Mattermost's own health endpoint. Safe for concurrent use.
 type Verifier struct {

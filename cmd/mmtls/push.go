@@ -183,6 +183,14 @@ func printPush(w io.Writer, res *push.Result, now time.Time) error {
 	if res.BindPrivilege != "" {
 		fmt.Fprintf(tw, "bind:\t%s\n", res.BindPrivilege)
 	}
+	if res.Status == push.StatusPlanned {
+		restart, verify := res.Restart, res.Verify
+		if restart == "" {
+			restart, verify = "none (--no-restart): Mattermost serves the new pair after its next restart", "none"
+		}
+		fmt.Fprintf(tw, "restart:\t%s\n", restart)
+		fmt.Fprintf(tw, "verify:\t%s; else roll back\n", verify)
+	}
 	if res.Verified {
 		fmt.Fprintf(tw, "verified:\tTLS 1.2 and 1.3 handshakes present this certificate; /api/v4/system/ping answers OK\n")
 	}
