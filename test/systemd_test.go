@@ -109,6 +109,9 @@ func TestAgentServiceUnderSystemd(t *testing.T) {
 	if st := labRun(t, lab, "systemctl", "is-active", "mmtls"); strings.TrimSpace(st) != "active" {
 		t.Fatalf("after start: %s", st)
 	}
+	if st := labRun(t, lab, mmtls, "service", "status"); !strings.HasPrefix(st, "active (running) since ") {
+		t.Errorf("service status after start: %q", st)
+	}
 	waitFor(t, time.Minute, func() error {
 		j := labRun(t, lab, "journalctl", "-u", "mmtls", "--no-pager", "-o", "cat")
 		if !strings.Contains(j, "installed certificate and key") || !strings.Contains(j, "rolled back") {
@@ -126,6 +129,10 @@ func TestAgentServiceUnderSystemd(t *testing.T) {
 	show := labRun(t, lab, "systemctl", "show", "mmtls", "-p", "ActiveState,NRestarts,ExecMainStatus")
 	if !strings.Contains(show, "ActiveState=failed") || !strings.Contains(show, "NRestarts=0") || !strings.Contains(show, "ExecMainStatus=2") {
 		t.Errorf("after a failed start: %s", show)
+	}
+	out, err = lab.Run(ctx, mmtls, "service", "status")
+	if err == nil || !strings.Contains(out, "failed (exit-code, exit status 2)") || !strings.Contains(out, "quiet") {
+		t.Errorf("service status after a failed start: %v\n%s", err, out)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -94,10 +95,13 @@ an image being built), pass --platform systemd to write the unit anyway.`,
 			if err != nil {
 				return fmt.Errorf("service: %w", err)
 			}
+			if verb == "status" && service.ChosenSystem().String() == "linux-systemd" {
+				return serviceStatus(cmd.Context(), cmd.OutOrStdout())
+			}
 			if verb == "status" {
 				st, err := svc.Status()
 				if err != nil {
-					return fmt.Errorf("service status: %w", err)
+					return fmt.Errorf("service status: the service manager here is %s, not a running systemd, and it says %w: is the service installed?", service.ChosenSystem(), err)
 				}
 				_, err = fmt.Fprintln(cmd.OutOrStdout(), map[service.Status]string{
 					service.StatusRunning: "running", service.StatusStopped: "stopped"}[st])
@@ -213,6 +217,37 @@ func systemctl(ctx context.Context, args ...string) error {
 }
 
 // journalTail returns the agent unit's last log lines, or why it cannot.
+// serviceStatus prints the agent's service state as systemd has it, one
+// line, and fails (exit 1) unless it runs: a failed one with its reason and
+// its last log lines.
+func serviceStatus(ctx context.Context, w io.Writer) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "systemctl", "show", serviceName+".service", "--property", "LoadState,ActiveState,SubState,Result,ExecMainStatus,ActiveEnterTimestamp").CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("service status: systemctl show %s.service: %w: %s", serviceName, err, strings.TrimSpace(string(out)))
+	}
+	p := map[string]string{}
+	for _, line := range strings.Split(string(out), "\n") {
+		if k, v, ok := strings.Cut(line, "="); ok {
+			p[k] = v
+		}
+	}
+	switch {
+	case p["LoadState"] == "not-found":
+		fmt.Fprintln(w, "not installed")
+		return fmt.Errorf("the %s service is not installed (mmtls service install --config FILE, or the .deb/.rpm)", serviceName)
+	case p["ActiveState"] == "active" || p["ActiveState"] == "reloading":
+		_, err := fmt.Fprintf(w, "%s (%s) since %s\n", p["ActiveState"], p["SubState"], p["ActiveEnterTimestamp"])
+		return err
+	case p["ActiveState"] == "failed":
+		fmt.Fprintf(w, "failed (%s, exit status %s)\n", p["Result"], p["ExecMainStatus"])
+		return fmt.Errorf("the %s service failed (%s, exit status %s); its last log lines:\n%s", serviceName, p["Result"], p["ExecMainStatus"], journalTail(ctx))
+	}
+	fmt.Fprintf(w, "%s (%s)\n", p["ActiveState"], p["SubState"])
+	return fmt.Errorf("the %s service is not running (%s); mmtls service start", serviceName, p["ActiveState"])
+}
+
 func journalTail(ctx context.Context) string {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
