@@ -31,9 +31,10 @@ type InstallRequest struct {
 	UID, GID int
 	// Mode is the installed files' permission bits. Zero means DefaultMode.
 	Mode fs.FileMode
-	// BackupDir, if set, receives a copy of each trusted file that the
-	// install replaces. It must be root's: the caller checks that. Empty
-	// means no backups.
+	// BackupDir, if set, receives a copy of each trusted file that is
+	// there before the install, replaced or not, so that it holds the whole
+	// previous pair. It must be root's: the caller checks that. Empty means
+	// no backups.
 	BackupDir string
 	// DryRun plans without writing anything.
 	DryRun bool
@@ -130,7 +131,15 @@ func Install(ctx context.Context, req InstallRequest) (*InstallResult, error) {
 		}
 		res.Files = append(res.Files, fr)
 	}
-	if req.DryRun || !res.Changed {
+	if req.DryRun {
+		return res, nil
+	}
+	if req.BackupDir != "" {
+		if err := backup(req.BackupDir, res); err != nil {
+			return nil, fmt.Errorf("install: %w", err)
+		}
+	}
+	if !res.Changed {
 		return res, nil
 	}
 	if stale, err := d.RemoveStale(); err != nil {
@@ -140,11 +149,6 @@ func Install(ctx context.Context, req InstallRequest) (*InstallResult, error) {
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("install: %w", err)
-	}
-	if req.BackupDir != "" {
-		if err := backup(req.BackupDir, res); err != nil {
-			return nil, fmt.Errorf("install: %w", err)
-		}
 	}
 
 	for _, fr := range res.Files {
@@ -234,7 +238,7 @@ func backup(dir string, res *InstallResult) error {
 	defer bd.Close()
 	for i := range res.Files {
 		fr := &res.Files[i]
-		if fr.Previous == nil || fr.Action == ActionUnchanged {
+		if fr.Previous == nil {
 			continue
 		}
 		if err := bd.WriteFile(fr.Name, fr.Previous.data, FileAttrs{UID: 0, GID: 0, Mode: 0o600}); err != nil {

@@ -429,6 +429,13 @@ func (p *Pusher) writeConfig(pl *plan, backupDir string) ([]mmconfig.Change, err
 		if err != nil {
 			return nil, fmt.Errorf("mattermost config: %w", err)
 		}
+		if !backedUp {
+			// Changed or not, the backup holds the whole previous state.
+			if err := os.WriteFile(filepath.Join(backupDir, "config.json"), doc, 0o600); err != nil {
+				return nil, fmt.Errorf("back up mattermost config: %w", err)
+			}
+			backedUp = true
+		}
 		newDoc, changes, err := mmconfig.Edit(doc, pl.tls.Settings())
 		if err != nil {
 			return nil, fmt.Errorf("mattermost config %q: %w", path, err)
@@ -438,12 +445,6 @@ func (p *Pusher) writeConfig(pl *plan, backupDir string) ([]mmconfig.Change, err
 		}
 		if err := mmconfig.Check(doc, newDoc, nil); err != nil {
 			return nil, fmt.Errorf("mattermost config %q after the edit: %w", path, err)
-		}
-		if !backedUp {
-			if err := os.WriteFile(filepath.Join(backupDir, "config.json"), doc, 0o600); err != nil {
-				return nil, fmt.Errorf("back up mattermost config: %w", err)
-			}
-			backedUp = true
 		}
 		err = d.ReplaceFile(name, newDoc, st.FileAttrs, func() error {
 			cur, _, err := d.ReadFile(name, maxConfigSize)

@@ -13,13 +13,13 @@ import (
 	"github.com/mmtls/mmtls/agent/push"
 	"github.com/mmtls/mmtls/certs"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 )
 
 func newPushCmd(a *app) *cobra.Command {
 	var (
-		pf                        *pushFlags
-		asJSON, noRestart, dryRun bool
-		clusterMode               string
+		pf *pushFlags
+		r  pushRun
 	)
 	cmd := &cobra.Command{
 		Use:   "push --cert FILE --key FILE",
@@ -78,52 +78,68 @@ not serve what is on disk (after --no-restart), it is restarted.
              --site-url https://chat.corp.example --no-restart`,
 		Args: usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			o := pf.options()
-			o.NoRestart, o.DryRun = noRestart, dryRun
-			p := &push.Pusher{Logger: a.log}
-			if !noRestart && !dryRun && o.Validate() == nil {
-				// Every node's certbot hook may push at once: restarts
-				// take the cluster's lock, as the agent's do.
-				lock, err := agent.NewRestartLock(agent.ClusterConfig{Mode: clusterMode}, o, nil, a.log, nil)
-				if err != nil {
-					return usageError(fmt.Errorf("--cluster-mode: %w", err))
-				}
-				p.Cluster = lock
-			}
-			res, err := p.Push(cmd.Context(), o)
-			if asJSON {
-				// One result whatever happened, for scripts: refusals and
-				// rollbacks included, with the error and the exit code.
-				out := pushJSON{Result: res, ExitCode: exitCode(err)}
-				if res == nil {
-					out.Result = &push.Result{Status: push.StatusFailed}
-					if errors.Is(err, push.ErrRefused) || errors.Is(err, push.ErrUsage) {
-						out.Result.Status = "refused"
-					}
-				}
-				if err != nil {
-					out.Error = err.Error()
-				}
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				if err := enc.Encode(out); err != nil {
-					return err
-				}
-			} else if res != nil {
-				if err := printPush(cmd.OutOrStdout(), res, time.Now()); err != nil {
-					return err
-				}
-			}
-			return err
+			return runPush(cmd, a, pf.options(), r)
 		},
 	}
 	f := cmd.Flags()
 	pf = addPushFlags(f)
-	f.BoolVar(&noRestart, "no-restart", false, "install and configure only; do not restart Mattermost")
-	f.BoolVar(&dryRun, "dry-run", false, "print the plan and change nothing")
-	f.BoolVar(&asJSON, "json", false, "print the result as JSON on stdout")
-	f.StringVar(&clusterMode, "cluster-mode", agent.DefaultClusterMode, "restart coordination with the other nodes: auto (a PostgreSQL lock in Mattermost's own database), postgres, splay or off")
+	addRunFlags(f, &r)
 	return cmd
+}
+
+// pushRun is how a push is run: the flags push and restore share beyond
+// push.Options.
+type pushRun struct {
+	noRestart, dryRun, asJSON bool
+	clusterMode               string
+}
+
+// runPush runs one push of o and prints its result.
+func runPush(cmd *cobra.Command, a *app, o push.Options, r pushRun) error {
+	o.NoRestart, o.DryRun = r.noRestart, r.dryRun
+	p := &push.Pusher{Logger: a.log}
+	if !r.noRestart && !r.dryRun && o.Validate() == nil {
+		// Every node's certbot hook may push at once: restarts take the
+		// cluster's lock, as the agent's do.
+		lock, err := agent.NewRestartLock(agent.ClusterConfig{Mode: r.clusterMode}, o, nil, a.log, nil)
+		if err != nil {
+			return usageError(fmt.Errorf("--cluster-mode: %w", err))
+		}
+		p.Cluster = lock
+	}
+	res, err := p.Push(cmd.Context(), o)
+	if r.asJSON {
+		// One result whatever happened, for scripts: refusals and
+		// rollbacks included, with the error and the exit code.
+		out := pushJSON{Result: res, ExitCode: exitCode(err)}
+		if res == nil {
+			out.Result = &push.Result{Status: push.StatusFailed}
+			if errors.Is(err, push.ErrRefused) || errors.Is(err, push.ErrUsage) {
+				out.Result.Status = "refused"
+			}
+		}
+		if err != nil {
+			out.Error = err.Error()
+		}
+		enc := json.NewEncoder(cmd.OutOrStdout())
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(out); err != nil {
+			return err
+		}
+	} else if res != nil {
+		if err := printPush(cmd.OutOrStdout(), res, time.Now()); err != nil {
+			return err
+		}
+	}
+	return err
+}
+
+// addRunFlags declares the flags of pushRun.
+func addRunFlags(f *pflag.FlagSet, r *pushRun) {
+	f.BoolVar(&r.noRestart, "no-restart", false, "install and configure only; do not restart Mattermost")
+	f.BoolVar(&r.dryRun, "dry-run", false, "print the plan and change nothing")
+	f.BoolVar(&r.asJSON, "json", false, "print the result as JSON on stdout")
+	f.StringVar(&r.clusterMode, "cluster-mode", agent.DefaultClusterMode, "restart coordination with the other nodes: auto (a PostgreSQL lock in Mattermost's own database), postgres, splay or off")
 }
 
 // pushJSON is `push --json`'s one result: the push's, with the error (the
