@@ -127,7 +127,7 @@ func (o Options) Config(log *slog.Logger) (passthrough.Config, error) {
 		Method: passthrough.Method(o.Method), ConnectTimeout: o.ConnectTimeout, IdleTimeout: o.IdleTimeout,
 		DisableSNIPeek: !peek, DrainTimeout: o.DrainTimeout, MaxConns: o.MaxConns, Logger: log,
 		LogConnections: o.LogConnections == nil || *o.LogConnections,
-		Health: passthrough.HealthConfig{Mode: passthrough.HealthMode(o.HealthCheck), Interval: o.HealthInterval, ServerName: o.HealthServerName},
+		Health:         passthrough.HealthConfig{Mode: passthrough.HealthMode(o.HealthCheck), Interval: o.HealthInterval, ServerName: o.HealthServerName},
 	}
 	for _, n := range o.SNIAllow {
 		cfg.SNIAllow = append(cfg.SNIAllow, strings.ToLower(n))

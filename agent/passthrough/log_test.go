@@ -115,4 +115,3 @@ func TestConnectionLogOff(t *testing.T) {
 		}
 	}
 }
-
