@@ -232,23 +232,24 @@ func TestExportsSayEverySetting(t *testing.T) {
 	args := []string{"balance", "--listen", ":443", "--upstream", "10.0.0.1:443", "--upstream", "10.0.0.2:443,weight=2",
 		"--sni-allow", "chat.example.test", "--redirect-http", ":80", "--site-url", "https://chat.example.test",
 		"--acme-webroot", "/var/www/acme", "--health-check", "ping", "--health-server-name", "chat.example.test",
-		"--ca-file", pair.RootFile, "--max-conns", "1000", "--drain-timeout", "1m"}
+		"--ca-file", pair.RootFile, "--max-conns", "1000", "--drain-timeout", "1m", "--agent-check-port", "9470"}
 	for _, engine := range []string{"nginx", "haproxy"} {
 		r := runMMTLS(t, append(args, "--print", engine)...)
 		if r.code != 0 {
 			t.Fatalf("--print %s:\n%s", engine, r)
 		}
 		header, _, _ := strings.Cut(r.stdout, "\n")
-		for _, flag := range []string{"--sni-allow", "--redirect-http", "--site-url", "--acme-webroot", "--health-check", "--ca-file", "--max-conns", "--drain-timeout"} {
+		for _, flag := range []string{"--sni-allow", "--redirect-http", "--site-url", "--acme-webroot", "--health-check", "--ca-file", "--max-conns", "--drain-timeout", "--agent-check-port"} {
 			if !strings.Contains(header, flag) {
 				t.Errorf("%s: the header omits %s: %s", engine, flag, header)
 			}
 		}
 		want := map[string][]string{
 			"nginx": {"stream {} goes at the top level", "map $ssl_preread_server_name", "access_log", "return 301 https://chat.example.test$request_uri",
-				"root /var/www/acme", "limit_conn mmtls_conns 1000", "#   --health-check ping:", "#   --ca-file:", "#   --drain-timeout:"},
+				"root /var/www/acme", "limit_conn mmtls_conns 1000", "#   --health-check ping:", "#   --ca-file:", "#   --drain-timeout:", "#   --agent-check-port 9470:"},
 			"haproxy": {"log /dev/log", "option tcplog", "req.ssl_sni -i chat.example.test", "check-sni chat.example.test", "verify required",
-				"ca-file " + pair.RootFile, "maxconn 1000", "redirect prefix https://chat.example.test", "#   --acme-webroot:", "#   --drain-timeout:"},
+				"ca-file " + pair.RootFile, "maxconn 1000", "redirect prefix https://chat.example.test", "#   --acme-webroot:", "#   --drain-timeout:",
+				"agent-check agent-port 9470 agent-inter 2000ms", "http-check send hdr Host chat.example.test", "id 2"},
 		}[engine]
 		for _, w := range want {
 			if !strings.Contains(r.stdout, w) {
@@ -263,7 +264,7 @@ func TestExportsSayEverySetting(t *testing.T) {
 	}
 	// Without --health-check HAProxy still checks (a TCP connect is free).
 	r := runMMTLS(t, "balance", "--listen", ":443", "--upstream", "10.0.0.1:443", "--print", "haproxy")
-	if !strings.Contains(r.stdout, "server node1 10.0.0.1:443 check") {
+	if !strings.Contains(r.stdout, "server node1 10.0.0.1:443 id 1 check") {
 		t.Errorf("--print haproxy without --health-check has no check:\n%s", r.stdout)
 	}
 }

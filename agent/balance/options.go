@@ -32,21 +32,23 @@ var ErrInvalid = errors.New("invalid balancer settings")
 // tag). Zero values mean the defaults of passthrough.Config (see Defaults);
 // SNIPeek and LogConnections nil mean true.
 type Options struct {
-	Listen           []string      `toml:"listen" flag:"listen" help:"address to listen on, [host]:port (repeatable; required)"`
-	Upstreams        []string      `toml:"upstreams" flag:"upstream" help:"a Mattermost node, HOST:PORT[,weight=N] (repeatable; required)"`
-	Method           string        `toml:"method" flag:"method" help:"hash (nginx's hash $remote_addr consistent), round-robin or least-conn"`
-	HealthCheck      string        `toml:"health_check" flag:"health-check" help:"active health check: none, tcp, tls or ping"`
-	HealthInterval   time.Duration `toml:"health_interval" flag:"health-interval" help:"time between health checks (down after 3 failures, up after 2 successes)"`
-	HealthServerName string        `toml:"health_server_name" flag:"health-server-name" help:"server name for tls and ping checks (SiteURL's host)"`
-	CAFile           string        `toml:"ca_file" flag:"ca-file" help:"roots that verify the nodes' certificates in tls and ping checks (default: the system's)"`
-	SNIPeek          *bool         `toml:"sni_peek" flag:"sni-peek" help:"read the ClientHello to log the server name and close non-TLS traffic"`
-	LogConnections   *bool         `toml:"log_connections" flag:"log-connections" help:"log one line per connection as it ends (client, server name, node, bytes, duration, why) and each refusal"`
-	SNIAllow         []string      `toml:"sni_allow" flag:"sni-allow" help:"only accept this server name (repeatable; needs --sni-peek)"`
-	ConnectTimeout   time.Duration `toml:"connect_timeout" flag:"connect-timeout" help:"timeout of one connect to a node"`
-	IdleTimeout      time.Duration `toml:"idle_timeout" flag:"idle-timeout" help:"close a connection idle both ways this long"`
-	DrainTimeout     time.Duration `toml:"drain_timeout" flag:"drain-timeout" help:"how long a drained node's connections may live (0: until they end)"`
-	MaxConns         int           `toml:"max_conns" flag:"max-conns" help:"cap on concurrent connections (0: none)"`
-	ControlSocket    string        `toml:"control_socket" flag:"control-socket" flagset:"persistent" help:"control socket for status, drain and undrain"`
+	Listen             []string      `toml:"listen" flag:"listen" help:"address to listen on, [host]:port (repeatable; required)"`
+	Upstreams          []string      `toml:"upstreams" flag:"upstream" help:"a Mattermost node, HOST:PORT[,weight=N] (repeatable; required)"`
+	Method             string        `toml:"method" flag:"method" help:"hash (nginx's hash $remote_addr consistent), round-robin or least-conn"`
+	HealthCheck        string        `toml:"health_check" flag:"health-check" help:"active health check: none, tcp, tls or ping"`
+	HealthInterval     time.Duration `toml:"health_interval" flag:"health-interval" help:"time between health checks (down after 3 failures, up after 2 successes)"`
+	HealthServerName   string        `toml:"health_server_name" flag:"health-server-name" help:"server name for tls and ping checks (SiteURL's host)"`
+	AgentCheckPort     int           `toml:"agent_check_port" flag:"agent-check-port" help:"poll each node's agent (HAProxy's agent-check protocol; mmtls run's [cluster] agent_check) at its host and this port: drain, maint, down and NN% take effect (0: off)"`
+	AgentCheckInterval time.Duration `toml:"agent_check_interval" flag:"agent-check-interval" help:"time between agent checks"`
+	CAFile             string        `toml:"ca_file" flag:"ca-file" help:"roots that verify the nodes' certificates in tls and ping checks (default: the system's)"`
+	SNIPeek            *bool         `toml:"sni_peek" flag:"sni-peek" help:"read the ClientHello to log the server name and close non-TLS traffic"`
+	LogConnections     *bool         `toml:"log_connections" flag:"log-connections" help:"log one line per connection as it ends (client, server name, node, bytes, duration, why) and each refusal"`
+	SNIAllow           []string      `toml:"sni_allow" flag:"sni-allow" help:"only accept this server name (repeatable; needs --sni-peek)"`
+	ConnectTimeout     time.Duration `toml:"connect_timeout" flag:"connect-timeout" help:"timeout of one connect to a node"`
+	IdleTimeout        time.Duration `toml:"idle_timeout" flag:"idle-timeout" help:"close a connection idle both ways this long"`
+	DrainTimeout       time.Duration `toml:"drain_timeout" flag:"drain-timeout" help:"how long a drained node's connections may live (0: until they end)"`
+	MaxConns           int           `toml:"max_conns" flag:"max-conns" help:"cap on concurrent connections (0: none)"`
+	ControlSocket      string        `toml:"control_socket" flag:"control-socket" flagset:"persistent" help:"control socket for status, drain and undrain"`
 	// RedirectHTTP, if set, listens for plain HTTP there and redirects to
 	// SiteURL's host, serving ACME challenges from ACMEWebroot.
 	RedirectHTTP string `toml:"redirect_http" flag:"redirect-http" help:"also listen for plain HTTP here and redirect it to --site-url's host (301)"`
@@ -59,14 +61,15 @@ type Options struct {
 func Defaults() Options {
 	peek, logConns := true, true
 	return Options{
-		Method:         string(passthrough.MethodHash),
-		HealthCheck:    string(passthrough.HealthNone),
-		HealthInterval: passthrough.DefaultHealthInterval,
-		SNIPeek:        &peek,
-		LogConnections: &logConns,
-		ConnectTimeout: passthrough.DefaultConnectTimeout,
-		IdleTimeout:    passthrough.DefaultIdleTimeout,
-		ControlSocket:  DefaultControlSocket,
+		Method:             string(passthrough.MethodHash),
+		HealthCheck:        string(passthrough.HealthNone),
+		HealthInterval:     passthrough.DefaultHealthInterval,
+		AgentCheckInterval: passthrough.DefaultAgentInterval,
+		SNIPeek:            &peek,
+		LogConnections:     &logConns,
+		ConnectTimeout:     passthrough.DefaultConnectTimeout,
+		IdleTimeout:        passthrough.DefaultIdleTimeout,
+		ControlSocket:      DefaultControlSocket,
 	}
 }
 
@@ -84,6 +87,9 @@ func (o Options) WithDefaults() Options {
 	}
 	if o.SNIPeek == nil {
 		o.SNIPeek = d.SNIPeek
+	}
+	if o.AgentCheckInterval == 0 {
+		o.AgentCheckInterval = d.AgentCheckInterval
 	}
 	if o.LogConnections == nil {
 		o.LogConnections = d.LogConnections
@@ -128,6 +134,10 @@ func (o Options) Config(log *slog.Logger) (passthrough.Config, error) {
 		DisableSNIPeek: !peek, DrainTimeout: o.DrainTimeout, MaxConns: o.MaxConns, Logger: log,
 		LogConnections: o.LogConnections == nil || *o.LogConnections,
 		Health:         passthrough.HealthConfig{Mode: passthrough.HealthMode(o.HealthCheck), Interval: o.HealthInterval, ServerName: o.HealthServerName},
+		Agent:          passthrough.AgentConfig{Port: o.AgentCheckPort, Interval: o.AgentCheckInterval},
+	}
+	if o.AgentCheckPort < 0 || o.AgentCheckPort > 65535 {
+		bad("--agent-check-port %d: want a port, 1-65535 (0: off)", o.AgentCheckPort)
 	}
 	for _, n := range o.SNIAllow {
 		cfg.SNIAllow = append(cfg.SNIAllow, strings.ToLower(n))

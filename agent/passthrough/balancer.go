@@ -27,19 +27,30 @@ type upstream struct {
 	rises, falls int       // active: consecutive results
 	draining     bool
 	drainTimer   *time.Timer // closes what is left at the drain deadline; nil without one
-	curWeight    int         // smooth weighted round-robin
-	conns        map[*conn]struct{}
-	total        int // connections made
+	// What the node's agent last said (agent checks): ready, drain or
+	// maint; down; a weight in percent (100 until it says otherwise); its
+	// description; and the last poll's error.
+	agentAdmin  string
+	agentDown   bool
+	agentWeight int
+	agentDesc   string
+	agentErr    string
+	curWeight   int // smooth weighted round-robin
+	conns       map[*conn]struct{}
+	total       int // connections made
 
 	// Bytes forwarded, updated by the copy loops without the lock.
 	toUpstream, toClient atomic.Int64
 }
 
+// weight is the configured weight scaled by the agent's percentage (at
+// least 1: a 0% node takes no connections at all, see agentOut).
 func (u *upstream) weight() int {
-	if u.Weight <= 0 {
-		return 1
+	w := max(u.Weight, 1)
+	if u.agentWeight != 100 && u.agentWeight > 0 {
+		w = max(w*u.agentWeight/100, 1)
 	}
-	return u.Weight
+	return w
 }
 
 // Balancer forwards connections to upstreams. Create it with New; it is
@@ -59,6 +70,9 @@ type Balancer struct {
 	healthWG sync.WaitGroup
 	handlers sync.WaitGroup // one per accepted connection
 	slots    chan struct{}  // MaxConns semaphore; nil without a cap
+	// onlyDrained is set while connections go to draining nodes because
+	// no other is live (logged when it starts and ends).
+	onlyDrained bool
 }
 
 // New checks cfg and returns a Balancer; active health checks, if any,
@@ -111,7 +125,7 @@ func (b *Balancer) apply(cfg Config) {
 	for _, cu := range cfg.Upstreams {
 		u := old[cu.Addr]
 		if u == nil {
-			u = &upstream{conns: map[*conn]struct{}{}, healthy: true}
+			u = &upstream{conns: map[*conn]struct{}{}, healthy: true, agentWeight: 100}
 			// Until the first check says otherwise, an upstream is up,
 			// as in HAProxy.
 		}
@@ -123,25 +137,44 @@ func (b *Balancer) apply(cfg Config) {
 	b.cfg, b.ups, b.ring = cfg, ups, NewRing(names, weights)
 	if b.health != nil {
 		b.health()
+		b.health = nil
 	}
-	if cfg.Health.Mode == HealthNone || cfg.Health.Mode == "" {
+	active := cfg.Health.Mode != HealthNone && cfg.Health.Mode != ""
+	if !active {
 		for _, u := range ups {
 			u.healthy = true
 		}
-		b.health = nil
+	}
+	if cfg.Agent.Port == 0 {
+		for _, u := range ups {
+			u.agentAdmin, u.agentDown, u.agentWeight, u.agentDesc, u.agentErr = "", false, 100, "", ""
+		}
+	}
+	if !active && cfg.Agent.Port == 0 {
 		return
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	b.health = cancel
 	for _, u := range ups {
-		b.healthWG.Add(1)
-		go b.checkLoop(ctx, u, cfg.Health)
+		if active {
+			b.healthWG.Add(1)
+			go b.checkLoop(ctx, u, cfg.Health)
+		}
+		if cfg.Agent.Port != 0 {
+			b.healthWG.Add(1)
+			go b.agentLoop(ctx, u, cfg.Agent)
+		}
 	}
 }
 
-// available reports whether u may get a new connection. b.mu must be held.
-func (b *Balancer) available(u *upstream, now time.Time) bool {
-	if !u.healthy || u.draining {
+// available reports whether u may get a new connection; with drained,
+// a node that is only draining (by the control socket, or its agent's
+// drain or 0%) counts as available. b.mu must be held.
+func (b *Balancer) available(u *upstream, now time.Time, drained bool) bool {
+	if !u.healthy || u.agentDown || u.agentAdmin == "maint" {
+		return false
+	}
+	if !drained && (u.draining || u.agentOut()) {
 		return false
 	}
 	if len(b.ups) == 1 {
@@ -179,7 +212,7 @@ func (p *picker) next(now time.Time) *upstream {
 	b := p.b
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	ok := func(u *upstream) bool { return !p.tried[u] && b.available(u, now) }
+	ok := func(u *upstream) bool { return !p.tried[u] && b.available(u, now, false) }
 	var u *upstream
 	if b.cfg.method() == MethodHash && len(b.ups) > 1 {
 		for p.tries <= hashTries {
@@ -201,6 +234,18 @@ func (p *picker) next(now time.Time) *upstream {
 	}
 	if u == nil {
 		u = b.smoothRR(ok)
+	}
+	if u == nil {
+		// Every live node is draining: better served by one of them than
+		// refused.
+		u = b.smoothRR(func(u *upstream) bool { return !p.tried[u] && b.available(u, now, true) })
+		if u != nil && !b.onlyDrained {
+			b.onlyDrained = true
+			b.log.Warn("every live node is draining; sending new connections to draining nodes rather than refusing them", "upstream", u.Addr)
+		}
+	} else if b.onlyDrained {
+		b.onlyDrained = false
+		b.log.Info("a node that is not draining is live again; draining nodes get no new connections", "upstream", u.Addr)
 	}
 	if u == nil {
 		if !b.anyLive(now) {
@@ -236,7 +281,7 @@ func (b *Balancer) smoothRR(ok func(*upstream) bool) *upstream {
 
 func (b *Balancer) anyLive(now time.Time) bool {
 	for _, u := range b.ups {
-		if b.available(u, now) {
+		if b.available(u, now, true) {
 			return true
 		}
 	}
@@ -252,7 +297,14 @@ func (b *Balancer) failed(u *upstream, now time.Time) {
 	}
 	u.fails++
 	if mf := b.cfg.maxFails(); mf > 0 && u.fails == mf {
-		b.log.Warn("upstream failed; taking it out", "upstream", u.Addr, "fails", u.fails, "for", b.cfg.failTimeout())
+		out := b.cfg.failTimeout().String()
+		if b.cfg.Health.active() {
+			// The active check decides when it is back: rise passes
+			// from now on (HAProxy's behaviour), or fail_timeout.
+			u.rises = 0
+			out = fmt.Sprintf("until %d health checks pass, at most %s", b.cfg.Health.rise(), out)
+		}
+		b.log.Warn("upstream failed; taking it out", "upstream", u.Addr, "fails", u.fails, "for", out)
 	}
 }
 
@@ -341,7 +393,12 @@ type UpstreamStatus struct {
 	Healthy     bool   `json:"healthy"`
 	PassiveDown bool   `json:"passive_down"`
 	Draining    bool   `json:"draining"`
-	Active      int    `json:"active"`
+	// Agent is what the node's agent last said ("up ready", "up drain",
+	// "down #reason"...), empty without agent checks or before its first
+	// answer; AgentError is the last poll's failure, if it failed.
+	Agent      string `json:"agent,omitempty"`
+	AgentError string `json:"agent_error,omitempty"`
+	Active     int    `json:"active"`
 	// Total connections made, and bytes forwarded each way.
 	Total           int   `json:"total"`
 	BytesToUpstream int64 `json:"bytes_to_upstream"`
@@ -358,6 +415,7 @@ func (b *Balancer) Status() []UpstreamStatus {
 		mf := b.cfg.maxFails()
 		out = append(out, UpstreamStatus{
 			Addr: u.Addr, Weight: u.weight(), Healthy: u.healthy, Draining: u.draining, Active: len(u.conns),
+			Agent: u.agentState(), AgentError: u.agentErr,
 			Total: u.total, BytesToUpstream: u.toUpstream.Load(), BytesToClient: u.toClient.Load(),
 			PassiveDown: mf > 0 && u.fails >= mf && now.Sub(u.checked) <= b.cfg.failTimeout(),
 		})

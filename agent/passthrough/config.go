@@ -76,6 +76,8 @@ type Config struct {
 	SNIAllow []string
 
 	Health HealthConfig
+	// Agent configures agent checks (HAProxy's agent-check protocol).
+	Agent AgentConfig
 
 	// DrainTimeout bounds how long a drained upstream's connections may
 	// live. 0 means they live until they end; Mattermost websockets never
@@ -168,6 +170,8 @@ func (c *Config) method() Method {
 	}
 	return c.Method
 }
+func (h *HealthConfig) active() bool { return h.Mode != "" && h.Mode != HealthNone }
+
 func (h *HealthConfig) interval() time.Duration { return or(h.Interval, DefaultHealthInterval) }
 func (h *HealthConfig) timeout() time.Duration  { return or(h.Timeout, h.interval()) }
 func (h *HealthConfig) rise() int               { return orInt(h.Rise, DefaultRise) }
@@ -214,6 +218,9 @@ func (c *Config) Validate() error {
 	case "", HealthNone, HealthTCP, HealthTLS, HealthPing:
 	default:
 		return fmt.Errorf("health check %q: want none, tcp, tls or ping", c.Health.Mode)
+	}
+	if c.Agent.Port < 0 || c.Agent.Port > 65535 {
+		return fmt.Errorf("agent check port %d: want 1-65535", c.Agent.Port)
 	}
 	if (c.Health.Mode == HealthTLS || c.Health.Mode == HealthPing) && c.Health.ServerName == "" {
 		return fmt.Errorf("health check %s needs a server name", c.Health.Mode)

@@ -36,6 +36,12 @@ func (b *Balancer) recordCheck(u *upstream, h HealthConfig, err error) {
 			u.healthy = true
 			b.log.Info("upstream is up", "upstream", u.Addr, "checks", u.rises)
 		}
+		if mf := b.cfg.maxFails(); mf > 0 && u.fails >= mf && u.rises >= h.rise() {
+			// Out for connect failures, but the active check has passed
+			// rise times since: back now, not at fail_timeout.
+			u.fails = 0
+			b.log.Info("upstream is back: health checks pass after its connect failures", "upstream", u.Addr, "checks", u.rises)
+		}
 	} else {
 		u.rises, u.falls = 0, u.falls+1
 		if u.healthy && u.falls >= h.fall() {

@@ -197,8 +197,17 @@ func newBalanceControlCmd(verb string, socket *string) *cobra.Command {
 
 func printUpstreams(w io.Writer, ups []passthrough.UpstreamStatus) error {
 	tw := tabwriter.NewWriter(w, 2, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "UPSTREAM\tWEIGHT\tHEALTH\tDRAINING\tCONNECTIONS\tTOTAL")
+	fmt.Fprintln(tw, "UPSTREAM\tWEIGHT\tHEALTH\tDRAINING\tAGENT\tCONNECTIONS\tTOTAL")
 	for _, u := range ups {
+		agent := u.Agent
+		switch {
+		case agent == "" && u.AgentError == "":
+			agent = "-"
+		case agent == "":
+			agent = "no answer yet: " + u.AgentError
+		case u.AgentError != "":
+			agent += " (last poll failed: " + u.AgentError + ")"
+		}
 		health := "up"
 		switch {
 		case !u.Healthy:
@@ -206,7 +215,7 @@ func printUpstreams(w io.Writer, ups []passthrough.UpstreamStatus) error {
 		case u.PassiveDown:
 			health = "down (connect failures)"
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%v\t%d\t%d\n", u.Addr, u.Weight, health, u.Draining, u.Active, u.Total)
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%v\t%s\t%d\t%d\n", u.Addr, u.Weight, health, u.Draining, agent, u.Active, u.Total)
 	}
 	return tw.Flush()
 }

@@ -36,6 +36,9 @@ func writeNginx(w io.Writer, o balance.Options, cfg passthrough.Config) error {
 	if cfg.DrainTimeout > 0 {
 		left = append(left, "--drain-timeout: nginx has no per-node drain; mark the server down and reload, live connections continue")
 	}
+	if cfg.Agent.Port > 0 {
+		left = append(left, fmt.Sprintf("--agent-check-port %d: open-source nginx cannot read agent checks; to drain a node, add \"down\" to its server line and nginx -s reload (live connections continue)", cfg.Agent.Port))
+	}
 	writeLeftOut(&b, left)
 
 	b.WriteString("stream {\n")
@@ -156,8 +159,12 @@ func writeHAProxy(w io.Writer, o balance.Options, cfg passthrough.Config) error 
 		}
 		check = fmt.Sprintf(" check check-ssl check-sni %s verify required verifyhost %s ca-file %s", cfg.Health.ServerName, cfg.Health.ServerName, ca)
 		if cfg.Health.Mode == passthrough.HealthPing {
-			b.WriteString("    option httpchk GET /api/v4/system/ping\n    http-check expect status 200\n")
+			fmt.Fprintf(&b, "    option httpchk GET /api/v4/system/ping\n    http-check send hdr Host %s\n    http-check expect status 200\n", cfg.Health.ServerName)
 		}
+	}
+	if a := cfg.Agent; a.Port > 0 {
+		// The node's agent says drain before its Mattermost restarts.
+		check += fmt.Sprintf(" agent-check agent-port %d agent-inter %dms", a.Port, o.AgentCheckInterval.Milliseconds())
 	}
 	fmt.Fprintf(&b, "    default-server inter %dms fall %d rise %d\n", cfg.Health.IntervalOrDefault().Milliseconds(), cfg.Health.FallOrDefault(), cfg.Health.RiseOrDefault())
 	for i, u := range cfg.Upstreams {
@@ -165,7 +172,8 @@ func writeHAProxy(w io.Writer, o balance.Options, cfg passthrough.Config) error 
 		if u.Weight > 1 {
 			weight = fmt.Sprintf(" weight %d", u.Weight)
 		}
-		fmt.Fprintf(&b, "    server node%d %s%s%s\n", i+1, u.Addr, weight, check)
+		// The same ids on every balancer keep their state comparable.
+		fmt.Fprintf(&b, "    server node%d %s id %d%s%s\n", i+1, u.Addr, i+1, weight, check)
 	}
 
 	if o.RedirectHTTP != "" {
