@@ -75,6 +75,16 @@ type ClusterConfig struct {
 	// Publish makes the watch loop publish the source pair to the cluster
 	// instead of pushing it here (the host that holds the certificate).
 	Publish bool `toml:"publish"`
+	// AgentCheck is ADDR:PORT where this node answers the balancers' agent
+	// checks (HAProxy's protocol): "drain" before it restarts Mattermost;
+	// "" means off. AgentCheckAllow lists who may poll it (CIDRs; nil
+	// means DefaultAgentCheckAllow, loopback). Before a restart the node
+	// waits up to DrainWait for every balancer to see the drain, then
+	// DrainGrace; 0 means DefaultDrainWait and DefaultDrainGrace.
+	AgentCheck      string        `toml:"agent_check"`
+	AgentCheckAllow []string      `toml:"agent_check_allow"`
+	DrainWait       time.Duration `toml:"drain_wait"`
+	DrainGrace      time.Duration `toml:"drain_grace"`
 }
 
 // WithDefaults returns c with its zero fields set to their defaults.
@@ -90,6 +100,15 @@ func (c ClusterConfig) WithDefaults() ClusterConfig {
 	}
 	if c.KeyFile == "" {
 		c.KeyFile = clusterdb.DefaultKeyFile
+	}
+	if c.AgentCheckAllow == nil {
+		c.AgentCheckAllow = DefaultAgentCheckAllow
+	}
+	if c.DrainWait == 0 {
+		c.DrainWait = DefaultDrainWait
+	}
+	if c.DrainGrace == 0 {
+		c.DrainGrace = DefaultDrainGrace
 	}
 	return c
 }

@@ -223,14 +223,18 @@ func (a *Agent) source(s Settings) (*Watcher, []func(context.Context) error, err
 		if err != nil {
 			return nil, nil, err
 		}
+		drainer, runs, err := a.agentCheck(s.Cluster)
+		if err != nil {
+			return nil, nil, err
+		}
 		c := s.Cluster.WithDefaults()
-		f := &Follower{Store: store, Key: key, Pusher: &push.Pusher{Logger: a.log, UnitDirs: a.unitDirs, Cluster: lock, Clock: a.clock},
+		f := &Follower{Store: store, Key: key, Pusher: &push.Pusher{Logger: a.log, UnitDirs: a.unitDirs, Cluster: lock, Drainer: drainer, Clock: a.clock},
 			Push: s.Watch.Push, Node: c.Node, Address: advertise(c.Advertise, s.Watch.Push), Reconcile: s.Watch.Reconcile,
 			Version: a.version, Logger: a.log, Metrics: a.metrics, Clock: a.clock}
 		if f.Node == "" {
 			f.Node = hostname()
 		}
-		return nil, []func(context.Context) error{f.Run}, nil
+		return nil, append(runs, f.Run), nil
 	}
 	lock, err := NewRestartLock(s.Cluster, s.Watch.Push, a.unitDirs, a.log, a.metrics)
 	if err != nil {
@@ -239,10 +243,32 @@ func (a *Agent) source(s Settings) (*Watcher, []func(context.Context) error, err
 	if lock != nil {
 		a.log.Info("restarts are coordinated across the cluster", "with", lock.String())
 	}
-	p := &push.Pusher{Logger: a.log, UnitDirs: a.unitDirs, Cluster: lock, Clock: a.clock}
+	drainer, runs, err := a.agentCheck(s.Cluster)
+	if err != nil {
+		return nil, nil, err
+	}
+	p := &push.Pusher{Logger: a.log, UnitDirs: a.unitDirs, Cluster: lock, Drainer: drainer, Clock: a.clock}
 	w := NewWatcher(p, a.log, a.metrics)
 	w.Clock = a.clock
-	return w, nil, nil
+	return w, runs, nil
+}
+
+// agentCheck sets up [cluster] agent_check, if set: the drainer of this
+// node's pushes, listening already (a port in use fails the start), and
+// the loop that answers.
+func (a *Agent) agentCheck(c ClusterConfig) (push.Drainer, []func(context.Context) error, error) {
+	if c.AgentCheck == "" {
+		return nil, nil, nil
+	}
+	ac, err := NewAgentCheck(c, a.log, a.clock)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %w", push.ErrUsage, err)
+	}
+	ln, err := ac.Listen(c.AgentCheck)
+	if err != nil {
+		return nil, nil, err
+	}
+	return ac, []func(context.Context) error{func(ctx context.Context) error { return ac.Serve(ctx, ln) }}, nil
 }
 
 // OpenCluster opens the cluster's database and reads the cluster key.
@@ -326,7 +352,7 @@ func (a *Agent) Reload() error {
 		old.Balance = s.Balance
 		changed = append(changed, "balance")
 	}
-	if old.Cluster != s.Cluster || old.MetricsListen != s.MetricsListen || old.NoWatch != s.NoWatch || (old.Balance == nil) != (s.Balance == nil) {
+	if !reflect.DeepEqual(old.Cluster, s.Cluster) || old.MetricsListen != s.MetricsListen || old.NoWatch != s.NoWatch || (old.Balance == nil) != (s.Balance == nil) {
 		a.log.Warn("some changed settings take effect at the next start: [cluster], [metrics], or adding or removing [source] or [balance]")
 	}
 	a.log.Info("configuration reloaded", "changed", changed)

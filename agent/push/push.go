@@ -39,6 +39,57 @@ type Pusher struct {
 	// Cluster, if not nil, is held from before each restart of Mattermost
 	// until it is verified or rolled back, so nodes restart one at a time.
 	Cluster RestartLock
+	// Drainer, if not nil, takes this node out of its balancers' rotation
+	// for each restart of Mattermost, inside the cluster lock.
+	Drainer Drainer
+}
+
+// Drainer takes this node out of the balancers' rotation while Mattermost
+// restarts, so that no new connection meets a stopping or starting server.
+type Drainer interface {
+	// Drain is called once the node has decided to restart Mattermost; it
+	// returns once the balancers have seen the node draining, or it
+	// stopped waiting.
+	Drain(ctx context.Context)
+	// Serving reports what the node serves: nil once a state (the new, or
+	// the previous after a rollback) is verified; else why it does not.
+	Serving(err error)
+}
+
+// restartWindow opens the window in which Mattermost may restart: the
+// cluster lock, then the drain. Its end reports what the node serves then
+// (nil: a verified state) and releases the lock.
+func (p *Pusher) restartWindow(ctx context.Context) (end func(serving error), err error) {
+	release, err := p.clusterLock(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if p.Drainer != nil {
+		p.Drainer.Drain(ctx)
+	}
+	return func(serving error) {
+		if p.Drainer != nil {
+			p.Drainer.Serving(serving)
+		}
+		release()
+	}, nil
+}
+
+// serving reports, to a Drainer, whether the node serves what it should.
+func (p *Pusher) serving(err error) {
+	if p.Drainer != nil {
+		p.Drainer.Serving(err)
+	}
+}
+
+// servingAfter says whether the node serves a verified state after a
+// restart window that ended with err: the new state, or the previous one
+// after a rollback that verified it.
+func servingAfter(err error, oldVerified bool) error {
+	if err == nil || errors.Is(err, ErrRolledBack) && oldVerified {
+		return nil
+	}
+	return err
 }
 
 // clusterLock acquires p.Cluster, if any.
@@ -256,17 +307,20 @@ func (p *Pusher) noop(ctx context.Context, pl *plan) error {
 	err := p.verifier(pl.o).Check(ctx, pl.newExp)
 	if err == nil {
 		res.Verified = true
+		p.serving(nil)
 		log.Info("nothing to do: mattermost already serves this certificate", "fingerprint", res.Certificate.Fingerprint)
 		return nil
 	}
 	log.Info("certificate and config are in place but mattermost does not serve them; restarting", "err", err)
-	release, err := p.clusterLock(ctx)
+	p.serving(fmt.Errorf("mattermost does not serve the installed certificate: %w", err))
+	end, err := p.restartWindow(ctx)
 	if err != nil {
 		return err
 	}
-	defer release()
 	ctx = context.WithoutCancel(ctx) // see apply
-	if err := p.restartAndVerify(ctx, pl.o, pl.newExp, res); err != nil {
+	err = p.restartAndVerify(ctx, pl.o, pl.newExp, res)
+	end(err)
+	if err != nil {
 		return fmt.Errorf("%w (the files and config on disk were already in place and are unchanged)", err)
 	}
 	res.Status = StatusRestarted
@@ -332,11 +386,14 @@ func (p *Pusher) apply(ctx context.Context, pl *plan) error {
 		return j.finish()
 	}
 
-	release, err := p.clusterLock(ctx)
+	end, err := p.restartWindow(ctx)
 	if err != nil {
 		return p.rollback(ctx, j, err, false)
 	}
-	defer release() // after the verification, or the rollback's
+	// The window ends after the verification, or the rollback's; until a
+	// restart fails, the node serves a verified state (the previous one).
+	var served error
+	defer func() { end(served) }()
 	// From the restart on, the push runs to its end, verified or rolled
 	// back, even if ctx is cancelled (SIGTERM): each step has its own
 	// timeout, and a half-done restart helps no one.
@@ -362,7 +419,9 @@ func (p *Pusher) apply(ctx context.Context, pl *plan) error {
 				log.Warn("could not take back the bind capability", "err", uerr)
 			}
 		}
-		return p.rollback(ctx, j, err, true)
+		rb := p.rollback(ctx, j, err, true)
+		served = servingAfter(rb, j.OldServing)
+		return rb
 	}
 	return j.finish()
 }

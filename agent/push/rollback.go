@@ -136,14 +136,16 @@ func (p *Pusher) recoverInterrupted(ctx context.Context, cur Options) (string, e
 		if o.NoRestart {
 			return what + ": its files and config are in place; Mattermost was not restarted (--no-restart)", j.finish()
 		}
-		release, err := p.clusterLock(ctx)
+		end, err := p.restartWindow(ctx)
 		if err != nil {
 			return "", err
 		}
-		defer release()
+		var served error
+		defer func() { end(served) }()
 		ctx = context.WithoutCancel(ctx) // see apply
 		if err := p.restartAndVerify(ctx, o, j.New, nil); err != nil {
 			rb := p.rollback(ctx, j, fmt.Errorf("completing %s: %w", what, err), true)
+			served = servingAfter(rb, j.OldServing)
 			if errors.Is(rb, ErrRolledBack) {
 				return rb.Error(), nil
 			}

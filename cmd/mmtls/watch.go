@@ -18,6 +18,7 @@ type agentFlags struct {
 	config        string
 	metricsListen string
 	clusterMode   string
+	agentCheck    string
 	push          *pushFlags
 }
 
@@ -26,6 +27,7 @@ func addAgentFlags(f *pflag.FlagSet, configDefault string) *agentFlags {
 	f.StringVar(&af.config, "config", configDefault, "the agent's config file (TOML); flags override it")
 	f.StringVar(&af.metricsListen, "metrics-listen", "", "serve Prometheus metrics here, [host:]port (127.0.0.1 when no host)")
 	f.StringVar(&af.clusterMode, "cluster-mode", "", "restart coordination: auto, postgres, splay or off (default: the file's, else auto)")
+	f.StringVar(&af.agentCheck, "agent-check", "", "answer the balancers' agent checks here, ADDR:PORT (HAProxy's protocol): drain before each restart of Mattermost (default: the file's [cluster] agent_check, else off)")
 	return af
 }
 
@@ -60,6 +62,9 @@ func (af *agentFlags) settings(f *pflag.FlagSet) (agent.Settings, error) {
 	}
 	if f.Changed("cluster-mode") {
 		s.Cluster.Mode = af.clusterMode
+	}
+	if f.Changed("agent-check") {
+		s.Cluster.AgentCheck = af.agentCheck
 	}
 	if f.Changed("metrics-listen") {
 		s.MetricsListen = af.metricsListen
