@@ -25,6 +25,12 @@ const (
 	// DefaultDrainGrace lets requests in flight on the node finish once
 	// the balancers send it no new connections.
 	DefaultDrainGrace = 2 * time.Second
+	// DefaultRejoinWait is how long a node that is back keeps the cluster's
+	// restart lock once the balancers have seen it ready: their health
+	// checks must pass again (HAProxy's default rise 2 x inter 2s, and a
+	// second) before the next node drains, or a balancer could find every
+	// node out.
+	DefaultRejoinWait = 5 * time.Second
 	// pollerWindow: a peer that polled within this many of its own poll
 	// intervals is a balancer to wait for.
 	pollerWindow = 3
@@ -43,8 +49,8 @@ var DefaultAgentCheckAllow = []string{"127.0.0.0/8", "::1/128"}
 // #reason" when it does not serve. One line per connection, then close.
 // It implements push.Drainer.
 type AgentCheck struct {
-	allow       []netip.Prefix
-	wait, grace time.Duration
+	allow               []netip.Prefix
+	wait, grace, rejoin time.Duration
 	log         *slog.Logger
 	clock       clock.Clock
 
@@ -64,17 +70,17 @@ type poller struct {
 // interval is the poller's own interval, as last seen (the protocol's
 // default before a second poll).
 func (p *poller) interval() time.Duration {
-	if p.prev.IsZero() {
-		return passthrough.DefaultAgentInterval
+	if d := p.last.Sub(p.prev); !p.prev.IsZero() && d > 0 {
+		return d
 	}
-	return p.last.Sub(p.prev)
+	return passthrough.DefaultAgentInterval
 }
 
 // NewAgentCheck returns the agent check of c (its AgentCheckAllow, DrainWait
 // and DrainGrace), answering "up ready".
 func NewAgentCheck(c ClusterConfig, log *slog.Logger, clk clock.Clock) (*AgentCheck, error) {
 	c = c.WithDefaults()
-	a := &AgentCheck{wait: c.DrainWait, grace: c.DrainGrace, log: logger(log), clock: clock.Or(clk),
+	a := &AgentCheck{wait: c.DrainWait, grace: c.DrainGrace, rejoin: c.RejoinWait, log: logger(log), clock: clock.Or(clk),
 		state: "up ready", peers: map[netip.Addr]*poller{}, polled: make(chan struct{})}
 	for _, s := range c.AgentCheckAllow {
 		p, err := netip.ParsePrefix(s)
@@ -169,8 +175,18 @@ func (a *AgentCheck) State() string {
 // the drain), at most DrainWait, and then DrainGrace for requests in
 // flight. With no balancer polling, it returns at once.
 func (a *AgentCheck) Drain(ctx context.Context) {
+	if !a.answerAndWait(ctx, "drain", "draining") {
+		return
+	}
+	a.pause(ctx, a.grace)
+}
+
+// answerAndWait answers state from now on and waits until every balancer
+// polling the agent has seen it, at most DrainWait. It reports whether any
+// balancer polls.
+func (a *AgentCheck) answerAndWait(ctx context.Context, state, doing string) bool {
 	a.mu.Lock()
-	a.state = "drain"
+	a.state = state
 	since, sinceSeq := a.clock.Now(), a.polls
 	var waitFor []netip.Addr
 	for ip, p := range a.peers {
@@ -180,10 +196,10 @@ func (a *AgentCheck) Drain(ctx context.Context) {
 	}
 	a.mu.Unlock()
 	if len(waitFor) == 0 {
-		a.log.Info("draining: no balancer polls this node's agent check; restarting without waiting")
-		return
+		a.log.Info(doing+": no balancer polls this node's agent check; not waiting", "answer", state)
+		return false
 	}
-	a.log.Info("draining: waiting until every balancer has seen it", "balancers", waitFor, "drain_wait", a.wait)
+	a.log.Info(doing+": waiting until every balancer has seen it", "answer", state, "balancers", waitFor, "drain_wait", a.wait)
 	timer := a.clock.NewTimer(a.wait)
 	defer timer.Stop()
 	for {
@@ -197,33 +213,39 @@ func (a *AgentCheck) Drain(ctx context.Context) {
 		polled := a.polled
 		a.mu.Unlock()
 		if len(missing) == 0 {
-			a.log.Info("drained: every balancer has seen it; grace for requests in flight", "waited", a.clock.Now().Sub(since).Round(time.Millisecond), "drain_grace", a.grace)
-			break
+			a.log.Info(doing+": every balancer has seen it", "answer", state, "waited", a.clock.Now().Sub(since).Round(time.Millisecond))
+			return true
 		}
 		select {
 		case <-polled:
-			continue
 		case <-timer.C():
-			a.log.Warn("draining: stopped waiting at drain_wait; some balancers have not polled since", "not_seen_by", missing, "drain_wait", a.wait)
+			a.log.Warn(doing+": stopped waiting at drain_wait; some balancers have not polled since", "answer", state, "not_seen_by", missing, "drain_wait", a.wait)
+			return true
 		case <-ctx.Done():
-			a.log.Info("draining: stopped waiting, the agent is stopping")
-			return
+			a.log.Info(doing+": stopped waiting, the agent is stopping", "answer", state)
+			return true
 		}
-		break
 	}
-	if a.grace <= 0 {
+}
+
+// pause waits d on the clock, or until ctx ends.
+func (a *AgentCheck) pause(ctx context.Context, d time.Duration) {
+	if d <= 0 {
 		return
 	}
-	grace := a.clock.NewTimer(a.grace)
-	defer grace.Stop()
+	t := a.clock.NewTimer(d)
+	defer t.Stop()
 	select {
-	case <-grace.C():
+	case <-t.C():
 	case <-ctx.Done():
 	}
 }
 
 // Serving answers "up ready" when err is nil (the node serves a verified
-// state), else "down #" and the reason.
+// state), else "down #" and the reason. Coming back from a drain, it
+// returns once every polling balancer has seen it ready and RejoinWait
+// has passed, so that the next node to restart (which waits for this
+// one's lock) does not drain before the balancers have this one back.
 func (a *AgentCheck) Serving(err error) {
 	state := "up ready"
 	if err != nil {
@@ -235,6 +257,16 @@ func (a *AgentCheck) Serving(err error) {
 	}
 	a.mu.Lock()
 	before := a.state
+	a.mu.Unlock()
+	if before == "drain" && err == nil {
+		ctx := context.Background()
+		if a.answerAndWait(ctx, state, "back from the drain") {
+			a.log.Info("back from the drain: waiting for the balancers' health checks to take the node back", "rejoin_wait", a.rejoin)
+			a.pause(ctx, a.rejoin)
+		}
+		return
+	}
+	a.mu.Lock()
 	a.state = state
 	a.mu.Unlock()
 	if before != state {

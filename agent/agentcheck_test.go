@@ -79,7 +79,7 @@ func TestAgentCheckAnswers(t *testing.T) {
 // a balancer that stopped polling.
 func TestAgentCheckDrainWaitsForTheBalancers(t *testing.T) {
 	clk := clock.NewFake(time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC))
-	ac, addr := startAgentCheck(t, ClusterConfig{AgentCheckAllow: []string{"127.0.0.0/8"}, DrainWait: 10 * time.Second, DrainGrace: 2 * time.Second}, clk)
+	ac, addr := startAgentCheck(t, ClusterConfig{AgentCheckAllow: []string{"127.0.0.0/8"}, DrainWait: 10 * time.Second, DrainGrace: 2 * time.Second, RejoinWait: 5 * time.Second}, clk)
 
 	// No poller: at once.
 	ac.Drain(context.Background())
@@ -115,8 +115,29 @@ func TestAgentCheckDrainWaitsForTheBalancers(t *testing.T) {
 	clk.Advance(2 * time.Second)
 	<-done
 
+	// Back: "up ready" once both have seen it, then rejoin_wait.
+	done = make(chan struct{})
+	armed = clk.ArmedChanged()
+	go func() { ac.Serving(nil); close(done) }()
+	<-armed
+	if got := poll(t, addr, "127.0.0.2"); got != "up ready\n" {
+		t.Errorf("back: %q", got)
+	}
+	armed = clk.ArmedChanged()
+	poll(t, addr, "127.0.0.3")
+	<-armed
+	if d, _ := clk.Next(); d != 5*time.Second {
+		t.Errorf("next wait %s, want the 5s rejoin_wait", d)
+	}
+	select {
+	case <-done:
+		t.Fatal("Serving returned before rejoin_wait")
+	default:
+	}
+	clk.Advance(5 * time.Second)
+	<-done
+
 	// A balancer gone quiet: drain_wait, then grace.
-	ac.Serving(nil)
 	clk.Advance(time.Second)
 	poll(t, addr, "127.0.0.2")
 	done = make(chan struct{})

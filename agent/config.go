@@ -80,11 +80,13 @@ type ClusterConfig struct {
 	// "" means off. AgentCheckAllow lists who may poll it (CIDRs; nil
 	// means DefaultAgentCheckAllow, loopback). Before a restart the node
 	// waits up to DrainWait for every balancer to see the drain, then
-	// DrainGrace; 0 means DefaultDrainWait and DefaultDrainGrace.
+	// DrainGrace; back, it keeps the restart lock RejoinWait once the
+	// balancers have seen it ready. 0 means the Default; negative, none.
 	AgentCheck      string        `toml:"agent_check"`
 	AgentCheckAllow []string      `toml:"agent_check_allow"`
 	DrainWait       time.Duration `toml:"drain_wait"`
 	DrainGrace      time.Duration `toml:"drain_grace"`
+	RejoinWait      time.Duration `toml:"rejoin_wait"`
 }
 
 // WithDefaults returns c with its zero fields set to their defaults.
@@ -109,6 +111,9 @@ func (c ClusterConfig) WithDefaults() ClusterConfig {
 	}
 	if c.DrainGrace == 0 {
 		c.DrainGrace = DefaultDrainGrace
+	}
+	if c.RejoinWait == 0 {
+		c.RejoinWait = DefaultRejoinWait
 	}
 	return c
 }
