@@ -75,6 +75,10 @@ out for a while (nginx's max_fails=1 fail_timeout=10s) and, with
 https). The ClientHello is read (not consumed) to log the server name and
 close non-TLS traffic; --sni-peek=false forwards bytes blindly.
 
+--agent-check-port reads each node's agent (HAProxy's agent-check
+protocol; the agent's [cluster] agent_check): a node about to restart
+Mattermost says "drain" and gets no new connections until it is verified.
+
 "mmtls balance drain HOST:PORT" stops new connections to a node (existing
 ones continue until --drain-timeout); "undrain" undoes it; "status" shows
 every node. They talk to the running balancer over --control-socket (root
