@@ -51,8 +51,8 @@ var DefaultAgentCheckAllow = []string{"127.0.0.0/8", "::1/128"}
 type AgentCheck struct {
 	allow               []netip.Prefix
 	wait, grace, rejoin time.Duration
-	log         *slog.Logger
-	clock       clock.Clock
+	log                 *slog.Logger
+	clock               clock.Clock
 
 	mu     sync.Mutex
 	state  string
