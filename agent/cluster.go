@@ -259,7 +259,15 @@ func mattermostCluster(o push.Options, unitDirs []string) (driver, dsn string, c
 	if err != nil {
 		return "", "", false, err
 	}
-	doc, err := push.ReadMattermostConfig(loc.Path)
+	var doc []byte
+	if loc.DSN != "" {
+		// A database store: the cluster's database is that one.
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		defer cancel()
+		doc, err = mmconfig.ReadDatabase(ctx, loc.DSN)
+	} else {
+		doc, err = push.ReadMattermostConfig(loc.Path)
+	}
 	if err != nil {
 		return "", "", false, err
 	}

@@ -1,21 +1,19 @@
 package mmconfig
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 )
-
-// ErrDatabaseConfig is returned by Locate when Mattermost keeps its config in
-// the database, which mmtls does not edit yet.
-var ErrDatabaseConfig = errors.New("config in the database is not supported yet")
 
 // Location is where Mattermost's config was found.
 type Location struct {
-	// Path is the absolute path of config.json.
+	// Path is the absolute path of config.json; empty for a database
+	// store.
 	Path string `json:"path"`
+	// DSN is the database store's (PostgreSQL) data source name, when
+	// Mattermost keeps its config there.
+	DSN string `json:"-"`
 	// Origin says how it was found: "--mm-config", "MM_CONFIG (FILE:LINE)"
 	// or "default".
 	Origin string `json:"origin"`
@@ -29,7 +27,8 @@ type Location struct {
 // set, else MM_CONFIG from the service environment, else
 // mattermostDir/config/config.json. A relative path is looked up as
 // Mattermost does from its working directory, mattermostDir: there, then in
-// its config/ directory. A database DSN is refused with ErrDatabaseConfig.
+// its config/ directory. A PostgreSQL DSN is a database store (DSN set);
+// MySQL is refused with ErrMySQL.
 func Locate(flag string, env *ServiceEnv, mattermostDir string) (Location, error) {
 	loc := Location{Path: flag, Origin: "--mm-config"}
 	if flag == "" {
@@ -39,11 +38,11 @@ func Locate(flag string, env *ServiceEnv, mattermostDir string) (Location, error
 			loc = Location{Path: filepath.Join(mattermostDir, "config", "config.json"), Origin: "default"}
 		}
 	}
-	for _, scheme := range []string{"postgres://", "postgresql://", "mysql://"} {
-		if strings.HasPrefix(strings.ToLower(loc.Path), scheme) {
-			return Location{}, fmt.Errorf("mattermost config from %s is a %s database DSN: %w; mmtls edits config.json only",
-				loc.Origin, strings.TrimSuffix(scheme, "://"), ErrDatabaseConfig)
-		}
+	switch databaseDriver(loc.Path) {
+	case "postgres":
+		return Location{DSN: loc.Path, Origin: loc.Origin + ", a database store", Untrusted: loc.Untrusted}, nil
+	case "mysql":
+		return Location{}, fmt.Errorf("mattermost config from %s: %w", loc.Origin, ErrMySQL)
 	}
 	if !filepath.IsAbs(loc.Path) {
 		rel := loc.Path

@@ -42,6 +42,20 @@ type ServiceEnv struct {
 	Unit string `json:"unit,omitempty"`
 	// Vars holds the effective variables in the order systemd applies them.
 	Vars []EnvVar `json:"vars,omitempty"`
+	// DropIn, when set, is mmtls's own drop-in, left out of Vars (see
+	// Without): the environment is what else sets the owned keys.
+	DropIn string `json:"drop_in,omitempty"`
+}
+
+// Without returns the environment without the variables that file sets.
+func (e *ServiceEnv) Without(file string) *ServiceEnv {
+	out := &ServiceEnv{Unit: e.Unit}
+	for _, v := range e.Vars {
+		if !strings.HasPrefix(v.Source, file+":") {
+			out.Vars = append(out.Vars, v)
+		}
+	}
+	return out
 }
 
 // Lookup returns the variable name, matched exactly.

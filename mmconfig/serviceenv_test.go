@@ -106,9 +106,8 @@ func TestLocate(t *testing.T) {
 		{name: "service MM_CONFIG", env: envWith("/srv/mm/config.json"), wantPath: "/srv/mm/config.json", wantOrigin: "MM_CONFIG (unit:3)"},
 		{name: "relative MM_CONFIG", env: envWith("config.json"), wantPath: filepath.Join(mmDir, "config", "config.json"), wantOrigin: "MM_CONFIG (unit:3)"},
 		{name: "relative missing", env: envWith("nope.json"), wantErr: `mattermost config "nope.json" from MM_CONFIG (unit:3): not found`},
-		{name: "database", env: envWith("postgres://u:p@db/mm"),
-			wantErr: "mattermost config from MM_CONFIG (unit:3) is a postgres database DSN: config in the database is not supported yet; mmtls edits config.json only"},
-		{name: "mysql flag", flag: "mysql://u:p@tcp(db)/mm", wantErr: "is a mysql database DSN"},
+		{name: "database", env: envWith("postgres://u:p@db/mm"), wantOrigin: "MM_CONFIG (unit:3), a database store"},
+		{name: "mysql flag", flag: "mysql://u:p@tcp(db)/mm", wantErr: "mattermost config from --mm-config: Mattermost's config is in a MySQL database"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/mmtls/mmtls/certs"
+	"github.com/mmtls/mmtls/mmconfig"
 )
 
 const journalName = "journal.json"
@@ -45,6 +46,11 @@ type journal struct {
 	ConfigPath   string          `json:"config_path"`
 	ConfigBackup string          `json:"config_backup,omitempty"`
 	ConfigAttrs  certs.FileAttrs `json:"config_attrs"`
+	// ConfigDropIn: ConfigPath is the systemd drop-in that enrols a node
+	// whose config is in the database (systemd reloads after it changes);
+	// ConfigAbsent: it did not exist before, so a rollback removes it.
+	ConfigDropIn bool `json:"config_drop_in,omitempty"`
+	ConfigAbsent bool `json:"config_absent,omitempty"`
 
 	New        Expectation `json:"new"`
 	Old        Expectation `json:"old"`
@@ -123,7 +129,14 @@ func (j *journal) validate() error {
 			return fmt.Errorf("backup %q of %s is not in %s", p.Backup, f.Name, j.BackupDir)
 		}
 	}
-	if j.ConfigBackup != "" && j.ConfigBackup != filepath.Join(j.BackupDir, "config.json") {
+	backup := "config.json"
+	if j.ConfigDropIn {
+		backup = mmconfig.TLSDropInName
+		if filepath.Base(j.ConfigPath) != mmconfig.TLSDropInName {
+			return fmt.Errorf("drop-in %q is not mmtls's %s", j.ConfigPath, mmconfig.TLSDropInName)
+		}
+	}
+	if j.ConfigBackup != "" && j.ConfigBackup != filepath.Join(j.BackupDir, backup) {
 		return fmt.Errorf("config backup %q is not in %s", j.ConfigBackup, j.BackupDir)
 	}
 	return nil

@@ -1,6 +1,7 @@
 package push
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -30,9 +31,16 @@ type plan struct {
 	install  *certs.InstallResult // a dry run
 	res      *Result
 	env      *mmconfig.ServiceEnv
-	host     string      // SiteURL's host
-	newExp   Expectation // what Mattermost serves once the push is done
-	oldExp   Expectation // what it served before (per the config on disk)
+	// A database store: the drop-in that enrols the node (its path, its
+	// content now, nil when absent, and what the push writes), and the
+	// service environment without it (what else sets the owned keys).
+	dropIn    string
+	dropInOld []byte
+	dropInNew []byte
+	envOthers *mmconfig.ServiceEnv
+	host      string      // SiteURL's host
+	newExp    Expectation // what Mattermost serves once the push is done
+	oldExp    Expectation // what it served before (per the config on disk)
 }
 
 // prepare reads and checks everything, and writes nothing.
@@ -49,16 +57,21 @@ func (p *Pusher) prepare(ctx context.Context, o Options) (*plan, error) {
 	if err != nil {
 		return nil, refused(err)
 	}
-	res.Config = ConfigResult{Path: pl.loc.Path, Origin: pl.loc.Origin}
 	pl.uid, pl.gid, err = lookupOwner(o.Owner, o.Group)
 	if err != nil {
 		return nil, refused(err)
 	}
-	pl.cfgDoc, pl.cfgState, err = readConfig(pl.loc.Path)
-	if err != nil {
+	pl.envOthers = env
+	if pl.loc.DSN != "" {
+		if err := p.prepareDatabase(ctx, pl); err != nil {
+			return nil, err
+		}
+		env = pl.envOthers
+	} else if pl.cfgDoc, pl.cfgState, err = readConfig(pl.loc.Path); err != nil {
 		return nil, refused(err)
 	}
-	if pl.loc.Untrusted && pl.cfgState.UID != pl.uid {
+	res.Config = ConfigResult{Path: pl.loc.Path, Origin: pl.loc.Origin}
+	if pl.loc.DSN == "" && pl.loc.Untrusted && pl.cfgState.UID != pl.uid {
 		// MM_CONFIG came from a file the mattermost user can change: it
 		// must not make root edit a file that is not the mattermost user's.
 		return nil, refused(fmt.Errorf("mattermost config %q, named by %s, is owned by uid %d, not by %s (uid %d): "+
@@ -114,6 +127,14 @@ func (p *Pusher) prepare(ctx context.Context, o Options) (*plan, error) {
 	newDoc, changes, err := mmconfig.Edit(pl.cfgDoc, pl.tls.Settings())
 	if err != nil {
 		return nil, refused(fmt.Errorf("mattermost config %q: %w", pl.loc.Path, err))
+	}
+	if pl.dropIn != "" {
+		if pl.dropInNew, err = mmconfig.RenderDropIn(pl.tls.Settings()); err != nil {
+			return nil, refused(err)
+		}
+		if bytes.Equal(pl.dropInNew, pl.dropInOld) {
+			changes = nil // enrolled: a renewal changes no setting
+		}
 	}
 	if err := mmconfig.Check(pl.cfgDoc, newDoc, []string{pl.tls.CertFile, pl.tls.KeyFile}); err != nil {
 		return nil, refused(fmt.Errorf("mattermost config %q after the edit: %w", pl.loc.Path, err))
@@ -280,6 +301,17 @@ func siteHost(pl *plan, env *mmconfig.ServiceEnv) (string, error) {
 func checkOverrides(env *mmconfig.ServiceEnv, t mmconfig.TLS, warns *[]certs.Warning) error {
 	var errs []error
 	for _, s := range t.Settings() {
+		if env.DropIn != "" {
+			// A database store: mmtls's drop-in sets it; any other value
+			// set elsewhere, winning or not, would fight it.
+			for _, v := range env.Vars {
+				if strings.EqualFold(v.Name, s.EnvName()) && fmt.Sprint(s.Value) != v.Value {
+					errs = append(errs, fmt.Errorf("%s=%q (%s) sets %s too, differently from mmtls's drop-in %s; remove it from that file",
+						v.Name, v.Value, v.Source, s.Name(), env.DropIn))
+				}
+			}
+			continue
+		}
 		v, ok := env.Override(s.Section, s.Key)
 		if !ok {
 			continue
@@ -293,6 +325,48 @@ func checkOverrides(env *mmconfig.ServiceEnv, t mmconfig.TLS, warns *[]certs.War
 			v.Name, v.Value, v.Source, s.Name(), fmt.Sprint(s.Value)))
 	}
 	return errors.Join(errs...)
+}
+
+// prepareDatabase reads a database store's active configuration (read
+// only), layered with the node's environment overrides, and plans the
+// systemd drop-in that enrols the node: the shared configuration is never
+// written, and a renewal changes nothing but the files.
+func (p *Pusher) prepareDatabase(ctx context.Context, pl *plan) error {
+	o, env := pl.o, pl.env
+	if o.RestartCommand != "" || env.Unit == "" {
+		return refused(fmt.Errorf("Mattermost keeps its config in the database (MM_CONFIG from %s): mmtls enrols such a node with a drop-in for its systemd unit, "+
+			"setting the TLS settings for this node alone, and found no %s.service to add it to%s; run Mattermost under systemd, or keep its config in config.json",
+			strings.TrimSuffix(pl.loc.Origin, ", a database store"), o.Service, map[bool]string{true: " (--restart-command was given)", false: ""}[o.RestartCommand != ""]))
+	}
+	doc, err := mmconfig.ReadDatabase(ctx, pl.loc.DSN)
+	if err != nil {
+		return refused(fmt.Errorf("%w (MM_CONFIG %s)", err, mmconfig.RedactDSN(pl.loc.DSN)))
+	}
+	if pl.cfgDoc, err = mmconfig.Layered(doc, env); err != nil {
+		return refused(err)
+	}
+	pl.dropIn = mmconfig.TLSDropInPath(p.UnitDirs, o.Service)
+	pl.loc.Path = pl.dropIn
+	pl.loc.Origin += ", enrolled by a systemd drop-in"
+	d, err := certs.OpenDir(filepath.Dir(pl.dropIn))
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+	case err != nil:
+		return refused(fmt.Errorf("drop-in %s: %w", pl.dropIn, err))
+	default:
+		defer d.Close()
+		cur, st, err := d.ReadFile(mmconfig.TLSDropInName, maxConfigSize)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+		case err != nil:
+			return refused(fmt.Errorf("drop-in %s: %w", pl.dropIn, err))
+		default:
+			pl.dropInOld, pl.cfgState = cur, st
+		}
+	}
+	pl.envOthers = env.Without(pl.dropIn)
+	pl.envOthers.DropIn = pl.dropIn
+	return nil
 }
 
 func validationHint(err error, o Options) string {

@@ -249,7 +249,7 @@ func (p *Pusher) Push(ctx context.Context, o Options) (*Result, error) {
 	case o.DryRun:
 		res.Status = StatusPlanned
 		return res, nil
-	case !pl.install.Changed && len(res.Config.Changes) == 0:
+	case !pl.install.Changed && len(res.Config.Changes) == 0 && bytes.Equal(pl.dropInOld, pl.dropInNew):
 		if err := p.noop(ctx, pl); err != nil {
 			res.Status = StatusFailed
 			return res, err
@@ -339,8 +339,11 @@ func (p *Pusher) apply(ctx context.Context, pl *plan) error {
 	j := &journal{
 		Version: journalVersion, PID: os.Getpid(), Started: p.now().UTC(), Options: o,
 		DestDir: o.DestDir, BackupDir: backupDir, Files: pl.install.Files,
-		ConfigPath: pl.loc.Path, ConfigAttrs: pl.cfgState.FileAttrs,
+		ConfigPath: pl.loc.Path, ConfigDropIn: pl.dropIn != "", ConfigAbsent: pl.dropIn != "" && pl.dropInOld == nil,
 		New: pl.newExp, Old: pl.oldExp, dir: o.StateDir,
+	}
+	if pl.cfgState != nil {
+		j.ConfigAttrs = pl.cfgState.FileAttrs
 	}
 	if !o.NoRestart {
 		// Only a state that served before can be verified after a rollback.
@@ -366,10 +369,14 @@ func (p *Pusher) apply(ctx context.Context, pl *plan) error {
 
 	t = time.Now()
 	j.ConfigBackup = filepath.Join(backupDir, "config.json")
+	write := p.writeConfig
+	if pl.dropIn != "" {
+		j.ConfigBackup, write = filepath.Join(backupDir, mmconfig.TLSDropInName), p.writeDropIn
+	}
 	if err := j.save(stepConfiguring); err != nil {
 		return p.rollback(ctx, j, err, false)
 	}
-	changes, err := p.writeConfig(pl, backupDir)
+	changes, err := write(pl, backupDir)
 	if err != nil {
 		return p.rollback(ctx, j, err, false)
 	}
@@ -470,6 +477,42 @@ var errConfigChanged = errors.New("config changed while being edited")
 // changes it once; a file that changes five times in a row within
 // milliseconds is being rewritten in a loop, and the push gives up.
 const maxConfigRetries = 5
+
+// writeDropIn writes the drop-in that enrols a node whose config is in the
+// database, after backing up the one there (the layered configuration goes
+// to the backup too, as config.json, so that it is a whole state), and
+// has systemd reload it. The database is not written.
+func (p *Pusher) writeDropIn(pl *plan, backupDir string) ([]mmconfig.Change, error) {
+	if err := os.WriteFile(filepath.Join(backupDir, "config.json"), pl.cfgDoc, 0o600); err != nil {
+		return nil, fmt.Errorf("back up mattermost config: %w", err)
+	}
+	if pl.dropInOld != nil {
+		if err := os.WriteFile(filepath.Join(backupDir, mmconfig.TLSDropInName), pl.dropInOld, 0o600); err != nil {
+			return nil, fmt.Errorf("back up drop-in: %w", err)
+		}
+	}
+	if bytes.Equal(pl.dropInOld, pl.dropInNew) {
+		return nil, nil
+	}
+	dir := filepath.Dir(pl.dropIn)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("drop-in directory: %w", err)
+	}
+	d, err := certs.OpenDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("drop-in: %w", err)
+	}
+	defer d.Close()
+	if err := d.WriteFile(mmconfig.TLSDropInName, pl.dropInNew, certs.FileAttrs{UID: 0, GID: 0, Mode: 0o644}); err != nil {
+		return nil, fmt.Errorf("write drop-in: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), pl.o.RestartTimeout)
+	defer cancel()
+	if err := SystemctlDaemonReload(ctx); err != nil {
+		return nil, err
+	}
+	return pl.res.Config.Changes, nil
+}
 
 // writeConfig applies the edit to config.json, keeping its owner, mode and
 // extended attributes. If the file changes between read and rename (a

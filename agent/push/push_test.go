@@ -51,11 +51,26 @@ func TestPushRefusesEnvironmentOverrides(t *testing.T) {
 		t.Errorf("Push = %v\nwant refusal containing %s", err, want)
 	}
 
-	// MM_CONFIG pointing at a database: not supported yet, said plainly.
-	os.WriteFile(dropin, []byte("[Service]\nEnvironment=MM_CONFIG=postgres://mmuser@db/mattermost\n"), 0o644)
+	// --mm-config naming a database, with a restart command: the node
+	// cannot be enrolled by a drop-in, said plainly (before any connect).
+	os.WriteFile(dropin, []byte("[Service]\nEnvironment=MM_CONFIG=postgres://mmuser@127.0.0.1:1/mattermost\n"), 0o644)
+	o := opts(tr, p)
+	o.RestartCommand, o.NoRestart, o.DryRun = "true", false, true
+	o.MMConfig = "postgres://mmuser@127.0.0.1:1/mattermost"
+	_, err = pu.Push(context.Background(), o)
+	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "mmtls enrols such a node with a drop-in for its systemd unit") {
+		t.Errorf("database config with --restart-command: %v", err)
+	}
+	// An unreachable database: refused, naming it without its password.
+	os.WriteFile(dropin, []byte("[Service]\nEnvironment=MM_CONFIG=postgres://mmuser:secret@127.0.0.1:1/mattermost\n"), 0o644)
 	_, err = pu.Push(context.Background(), opts(tr, p))
-	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "config in the database is not supported yet") {
-		t.Errorf("database config: %v", err)
+	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "read Mattermost's config from the database") || strings.Contains(err.Error(), "secret") {
+		t.Errorf("unreachable database config: %v", err)
+	}
+	// MySQL: a plain refusal.
+	os.WriteFile(dropin, []byte("[Service]\nEnvironment=MM_CONFIG=mysql://mmuser@tcp(127.0.0.1:1)/mattermost\n"), 0o644)
+	if _, err = pu.Push(context.Background(), opts(tr, p)); !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "MySQL") {
+		t.Errorf("MySQL config: %v", err)
 	}
 }
 

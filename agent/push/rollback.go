@@ -40,7 +40,7 @@ func (p *Pusher) rollback(ctx context.Context, j *journal, cause error, restart 
 	if err := certs.Restore(rctx, j.DestDir, j.filesToRestore()); err != nil {
 		errs = append(errs, err)
 	}
-	if err := restoreConfig(j); err != nil {
+	if err := restoreConfig(rctx, j); err != nil {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -71,8 +71,12 @@ func (p *Pusher) rollback(ctx context.Context, j *journal, cause error, restart 
 	return &outcome{kind: ErrRolledBack, err: fmt.Errorf("%w; rolled back: the previous certificate and config are in force again%s", cause, note)}
 }
 
-// restoreConfig writes the config backup, if one was made, over the config.
-func restoreConfig(j *journal) error {
+// restoreConfig writes the config backup, if one was made, over the config;
+// a drop-in that was not there before is removed, and systemd reloaded.
+func restoreConfig(ctx context.Context, j *journal) error {
+	if j.ConfigDropIn {
+		return restoreDropIn(ctx, j)
+	}
 	if j.ConfigBackup == "" {
 		return nil
 	}
@@ -102,6 +106,41 @@ func restoreConfig(j *journal) error {
 	return nil
 }
 
+// restoreDropIn puts the enrolment drop-in back as it was, or removes it,
+// and has systemd reload.
+func restoreDropIn(ctx context.Context, j *journal) error {
+	d, err := certs.OpenDir(filepath.Dir(j.ConfigPath))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil // never written
+	}
+	if err != nil {
+		return fmt.Errorf("restore drop-in: %w", err)
+	}
+	defer d.Close()
+	name := filepath.Base(j.ConfigPath)
+	cur, _, err := d.ReadFile(name, maxConfigSize)
+	switch {
+	case j.ConfigAbsent && errors.Is(err, os.ErrNotExist):
+		return nil // never written
+	case j.ConfigAbsent:
+		if err := d.Remove(name); err != nil {
+			return fmt.Errorf("remove drop-in: %w", err)
+		}
+	default:
+		old, rerr := os.ReadFile(j.ConfigBackup)
+		if rerr != nil {
+			return fmt.Errorf("read drop-in backup: %w", rerr)
+		}
+		if err == nil && bytes.Equal(cur, old) {
+			return nil
+		}
+		if err := d.WriteFile(name, old, certs.FileAttrs{UID: 0, GID: 0, Mode: 0o644}); err != nil {
+			return fmt.Errorf("restore drop-in: %w", err)
+		}
+	}
+	return SystemctlDaemonReload(ctx)
+}
+
 // recoverInterrupted finishes or rolls back a push that an earlier run left half-way,
 // as its journal says, and returns what it did ("" if there was nothing).
 // Files were only partly replaced, or the config not yet written: roll
@@ -120,6 +159,9 @@ func (p *Pusher) recoverInterrupted(ctx context.Context, cur Options) (string, e
 	loc, err := mmconfig.Locate(cur.MMConfig, env, cur.MattermostDir)
 	if err != nil {
 		return "", refused(fmt.Errorf("recover an interrupted push: %w", err))
+	}
+	if loc.DSN != "" {
+		loc.Path = mmconfig.TLSDropInPath(p.UnitDirs, cur.Service)
 	}
 	if err := j.matches(cur.DestDir, loc.Path); err != nil {
 		return "", err

@@ -1,0 +1,160 @@
+package test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mmtls/mmtls/test/fixture"
+	"github.com/mmtls/mmtls/test/systemdlab"
+)
+
+// A real Mattermost 6.7.2 that keeps its config in PostgreSQL
+// (MM_CONFIG=postgres://..., in the EnvironmentFile its guide uses), under
+// a real systemd: push enrols the node with a drop-in for its unit and
+// never writes the Configurations table; a renewal changes neither; a
+// failed push rolls back, verified; a conflicting override in the
+// EnvironmentFile is refused naming file and line; --dry-run shows the
+// drop-in.
+func TestDatabaseConfigEnrolledByDropIn(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: skipping the real Mattermost server")
+	}
+	pg, _ := clusterPostgres(t)
+	tree, listen := newRealTreeOn(t, pg, fixture.Mattermost672)
+	n := &node{t: t, tree: tree, listen: listen}
+	ps, roots := n.pairs(3)
+	srv, err := fixture.MattermostServer(context.Background(), t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Mattermost seeds its database store itself, with the test's config
+	// as its custom defaults.
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	initDB := exec.CommandContext(ctx, "setpriv", "--reuid="+strconv.Itoa(mmUID), "--regid="+strconv.Itoa(mmGID), "--clear-groups",
+		filepath.Join(tree.MattermostDir, "bin", "mattermost"), "db", "init", "--config", pg.DSN)
+	initDB.Dir = tree.MattermostDir
+	initDB.Env = append(os.Environ(), "MM_CUSTOM_DEFAULTS_PATH="+tree.ConfigPath)
+	if out, err := initDB.CombinedOutput(); err != nil {
+		t.Fatalf("mattermost db init: %v\n%s", err, out)
+	}
+	rows := func() int {
+		t.Helper()
+		out, err := pg.Psql(context.Background(), "mattermost", "SELECT count(*) FROM configurations")
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, err := strconv.Atoi(strings.TrimSpace(out))
+		if err != nil {
+			t.Fatalf("count: %q", out)
+		}
+		return n
+	}
+	// config.json goes: the database is the only config.
+	os.Remove(tree.ConfigPath)
+
+	lab := bootLab(t, systemdlab.Options{HostNetwork: true, Binds: []string{
+		tree.Root + ":" + labTree, tree.MattermostDir + ":/opt/mattermost", filepath.Dir(srv)}})
+	in := func(p string) string { return labTree + strings.TrimPrefix(p, tree.Root) }
+	mmtls := labBin + "/mmtls"
+	envFile := "/opt/mattermost/config/mattermost.environment"
+	labRun(t, lab, "sh", "-c", fmt.Sprintf(`printf 'MM_CONFIG=%s\n' > %s && chown mattermost: %s && chmod 600 %s
+cat > /lib/systemd/system/mattermost.service <<'EOF'
+[Unit]
+Description=Mattermost
+After=network.target
+
+[Service]
+Type=notify
+ExecStart=/opt/mattermost/bin/mattermost
+EnvironmentFile=%s
+TimeoutStartSec=3600
+KillMode=mixed
+Restart=always
+RestartSec=10
+WorkingDirectory=/opt/mattermost
+User=mattermost
+Group=mattermost
+LimitNOFILE=49152
+
+[Install]
+WantedBy=multi-user.target
+EOF
+systemctl daemon-reload && systemctl start mattermost`, pg.DSN, envFile, envFile, envFile, envFile))
+	waitForReal(t, n, listen)
+	before := rows()
+
+	tlsAddr, _ := fixture.PickPort()
+	push := func(p *fixture.Pair, extra ...string) (string, error) {
+		args := append([]string{"push", "--cert", in(p.CertFile), "--key", in(p.KeyFile), "--ca-file", in(roots),
+			"--listen", tlsAddr, "--verify-timeout", "2m", "--lock-timeout", "2m", "--cluster-mode", "off"}, extra...)
+		return lab.Run(context.Background(), mmtls, args...)
+	}
+	const dropIn = "/etc/systemd/system/mattermost.service.d/50-mmtls-tls.conf"
+
+	out, err := push(ps[0], "--dry-run")
+	if err != nil || !strings.Contains(out, dropIn) || !strings.Contains(out, "a database store, enrolled by a systemd drop-in") {
+		t.Fatalf("--dry-run:\n%v\n%s", err, out)
+	}
+	if _, err := lab.Run(context.Background(), "test", "-e", dropIn); err == nil {
+		t.Fatal("--dry-run wrote the drop-in")
+	}
+
+	// The first push: plain HTTP to TLS, through the drop-in.
+	if out, err := push(ps[0]); err != nil {
+		t.Fatalf("first push: %v\n%s", err, out)
+	}
+	assertServes(t, tlsAddr, ps[0])
+	d := labRun(t, lab, "cat", dropIn)
+	for _, want := range []string{`Environment="MM_SERVICESETTINGS_LISTENADDRESS=` + tlsAddr + `"`, `Environment="MM_SERVICESETTINGS_CONNECTIONSECURITY=TLS"`,
+		`Environment="MM_SERVICESETTINGS_TLSCERTFILE=/opt/mattermost/config/fullchain.pem"`} {
+		if !strings.Contains(d, want) {
+			t.Errorf("drop-in lacks %s:\n%s", want, d)
+		}
+	}
+	if r := rows(); r != before {
+		t.Errorf("the push wrote the Configurations table: %d rows, %d before", r, before)
+	}
+
+	// A renewal: files and a restart, no configuration written anywhere.
+	if out, err := push(ps[1]); err != nil {
+		t.Fatalf("renewal: %v\n%s", err, out)
+	}
+	assertServes(t, tlsAddr, ps[1])
+	if d2 := labRun(t, lab, "cat", dropIn); d2 != d {
+		t.Errorf("a renewal changed the drop-in:\n%s", d2)
+	}
+	if r := rows(); r != before {
+		t.Errorf("a renewal wrote the Configurations table: %d rows, %d before", r, before)
+	}
+
+	// An unreadable key (root's): 6.7.2 keeps the port and hangs; rolled
+	// back through systemctl, verified.
+	out, err = push(ps[2], "--owner", "root", "--verify-timeout", "20s")
+	if err == nil || !strings.Contains(out, "rolled back") || !strings.Contains(out, "verified: Mattermost serves") {
+		t.Fatalf("push with an unreadable key: %v\n%s", err, out)
+	}
+	assertServes(t, tlsAddr, ps[1])
+	if d3 := labRun(t, lab, "cat", dropIn); d3 != d {
+		t.Errorf("after the rollback the drop-in is:\n%s", d3)
+	}
+
+	// Another value for an owned key in the EnvironmentFile: refused,
+	// naming the file and line; nothing changed.
+	labRun(t, lab, "sh", "-c", "echo MM_SERVICESETTINGS_LISTENADDRESS=:8443 >> "+envFile)
+	out, err = push(ps[0])
+	if err == nil || !strings.Contains(out, envFile+":2") || !strings.Contains(out, "differently from mmtls's drop-in") {
+		t.Errorf("a conflicting override: %v\n%s", err, out)
+	}
+	assertServes(t, tlsAddr, ps[1])
+	if r := rows(); r != before {
+		t.Errorf("the Configurations table has %d rows, %d before", r, before)
+	}
+}
