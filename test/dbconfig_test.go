@@ -2,6 +2,7 @@ package test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -34,31 +35,7 @@ func TestDatabaseConfigEnrolledByDropIn(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Mattermost seeds its database store itself, with the test's config
-	// as its custom defaults.
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	initDB := exec.CommandContext(ctx, "setpriv", "--reuid="+strconv.Itoa(mmUID), "--regid="+strconv.Itoa(mmGID), "--clear-groups",
-		filepath.Join(tree.MattermostDir, "bin", "mattermost"), "db", "init", "--config", pg.DSN)
-	initDB.Dir = tree.MattermostDir
-	initDB.Env = append(os.Environ(), "MM_CUSTOM_DEFAULTS_PATH="+tree.ConfigPath)
-	if out, err := initDB.CombinedOutput(); err != nil {
-		t.Fatalf("mattermost db init: %v\n%s", err, out)
-	}
-	rows := func() int {
-		t.Helper()
-		out, err := pg.Psql(context.Background(), "mattermost", "SELECT count(*) FROM configurations")
-		if err != nil {
-			t.Fatal(err)
-		}
-		n, err := strconv.Atoi(strings.TrimSpace(out))
-		if err != nil {
-			t.Fatalf("count: %q", out)
-		}
-		return n
-	}
-	// config.json goes: the database is the only config.
-	os.Remove(tree.ConfigPath)
+	rows := seedDatabaseConfig(t, pg, tree, nil)
 
 	lab := bootLab(t, systemdlab.Options{HostNetwork: true, Binds: []string{
 		tree.Root + ":" + labTree, tree.MattermostDir + ":/opt/mattermost", filepath.Dir(srv)}})
@@ -156,5 +133,95 @@ systemctl daemon-reload && systemctl start mattermost`, pg.DSN, envFile, envFile
 	assertServes(t, tlsAddr, ps[1])
 	if r := rows(); r != before {
 		t.Errorf("the Configurations table has %d rows, %d before", r, before)
+	}
+}
+
+// seedDatabaseConfig moves the tree's config.json into PostgreSQL the way
+// Mattermost does it (mattermost db init, with config.json and extra as
+// its custom defaults), removes config.json, and returns a counter of the
+// Configurations table's rows.
+func seedDatabaseConfig(t *testing.T, pg *fixture.Postgres, tree *fixture.Tree, extra map[string]any) func() int {
+	t.Helper()
+	if extra != nil {
+		var cfg map[string]any
+		b, _ := os.ReadFile(tree.ConfigPath)
+		if err := json.Unmarshal(b, &cfg); err != nil {
+			t.Fatal(err)
+		}
+		ss := cfg["ServiceSettings"].(map[string]any)
+		for k, v := range extra {
+			ss[k] = v
+		}
+		b, _ = json.Marshal(cfg)
+		os.WriteFile(tree.ConfigPath, b, 0o600)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	initDB := exec.CommandContext(ctx, "setpriv", "--reuid="+strconv.Itoa(mmUID), "--regid="+strconv.Itoa(mmGID), "--clear-groups",
+		filepath.Join(tree.MattermostDir, "bin", "mattermost"), "db", "init", "--config", pg.DSN)
+	initDB.Dir = tree.MattermostDir
+	initDB.Env = append(os.Environ(), "MM_CUSTOM_DEFAULTS_PATH="+tree.ConfigPath)
+	if out, err := initDB.CombinedOutput(); err != nil {
+		t.Fatalf("mattermost db init: %v\n%s", err, out)
+	}
+	os.Remove(tree.ConfigPath) // the database is the only config
+	return func() int {
+		t.Helper()
+		out, err := pg.Psql(context.Background(), "mattermost", "SELECT count(*) FROM configurations")
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, err := strconv.Atoi(strings.TrimSpace(out))
+		if err != nil {
+			t.Fatalf("count: %q", out)
+		}
+		return n
+	}
+}
+
+// Without systemd (--restart-command), a node whose config is in the
+// database is set through Mattermost's own local-mode API: the first push
+// patches the TLS settings (one new Configurations row, written by
+// Mattermost); a renewal patches nothing; a failed renewal rolls back,
+// verified, with no row either.
+func TestDatabaseConfigThroughLocalMode(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: skipping the real Mattermost server")
+	}
+	pg, _ := clusterPostgres(t)
+	tree, listen := newRealTreeOn(t, pg, fixture.Mattermost672)
+	sock := filepath.Join(tree.MattermostDir, "local.socket")
+	rows := seedDatabaseConfig(t, pg, tree, map[string]any{"EnableLocalMode": true, "LocalModeSocketLocation": sock})
+	tree.Env = []string{"MM_CONFIG=" + pg.DSN}
+	n := startRealNode(t, tree, listen)
+	ps, roots := n.pairs(3)
+	before := rows()
+	tlsAddr, _ := fixture.PickPort()
+	args := func(p *fixture.Pair, extra ...string) []string {
+		return n.pushArgs(p, roots, append([]string{"--mm-config", pg.DSN, "--listen", tlsAddr, "--restart-command", tree.StandinCtl(standinBin, "restart"), "--cluster-mode", "off"}, extra...)...)
+	}
+
+	if r := runMMTLS(t, args(ps[0], "--dry-run")...); r.code != 0 || !strings.Contains(r.stdout, "set through Mattermost's local-mode API") || !strings.Contains(r.stdout, sock) {
+		t.Fatalf("--dry-run:\n%s", r)
+	}
+	if r := runMMTLS(t, args(ps[0])...); r.code != 0 {
+		t.Fatalf("first push:\n%s", r)
+	}
+	assertServes(t, tlsAddr, ps[0])
+	if r := rows(); r != before+1 {
+		t.Errorf("the first push: %d Configurations rows, %d before (want one, Mattermost's save of the patch)", r, before)
+	}
+	enrolled := rows()
+	if r := runMMTLS(t, args(ps[1])...); r.code != 0 {
+		t.Fatalf("renewal:\n%s", r)
+	}
+	assertServes(t, tlsAddr, ps[1])
+	r := runMMTLS(t, args(ps[2], "--owner", "root", "--verify-timeout", "20s")...)
+	if r.code != 4 || !strings.Contains(r.stderr, "verified: Mattermost serves") {
+		t.Fatalf("push with an unreadable key:\n%s", r)
+	}
+	assertServes(t, tlsAddr, ps[1])
+	if r := rows(); r != enrolled {
+		t.Errorf("a renewal and a rolled-back renewal wrote the Configurations table: %d rows, %d after the enrolment", r, enrolled)
 	}
 }

@@ -51,6 +51,9 @@ type journal struct {
 	// ConfigAbsent: it did not exist before, so a rollback removes it.
 	ConfigDropIn bool `json:"config_drop_in,omitempty"`
 	ConfigAbsent bool `json:"config_absent,omitempty"`
+	// ConfigLocal: ConfigPath is Mattermost's local-mode socket; a
+	// rollback patches back the owned values of the backup.
+	ConfigLocal bool `json:"config_local,omitempty"`
 
 	New        Expectation `json:"new"`
 	Old        Expectation `json:"old"`

@@ -35,6 +35,7 @@ type plan struct {
 	// content now, nil when absent, and what the push writes), and the
 	// service environment without it (what else sets the owned keys).
 	dropIn    string
+	localMode string // the local-mode socket, when set through it
 	dropInOld []byte
 	dropInNew []byte
 	envOthers *mmconfig.ServiceEnv
@@ -270,6 +271,9 @@ func siteHost(pl *plan, env *mmconfig.ServiceEnv) (string, error) {
 		return "", fmt.Errorf("mattermost config %q: %w", pl.loc.Path, err)
 	}
 	site, origin := fromFile, pl.loc.Path
+	if pl.loc.DSN != "" {
+		origin = "the database store " + mmconfig.RedactDSN(pl.loc.DSN)
+	}
 	if v, ok := env.Override(mmconfig.Section, "SiteURL"); ok {
 		site, origin = v.Value, v.Name+" in "+v.Source
 		if pl.o.SiteURL != "" && pl.o.SiteURL != v.Value {
@@ -333,17 +337,25 @@ func checkOverrides(env *mmconfig.ServiceEnv, t mmconfig.TLS, warns *[]certs.War
 // written, and a renewal changes nothing but the files.
 func (p *Pusher) prepareDatabase(ctx context.Context, pl *plan) error {
 	o, env := pl.o, pl.env
-	if o.RestartCommand != "" || env.Unit == "" {
-		return refused(fmt.Errorf("Mattermost keeps its config in the database (MM_CONFIG from %s): mmtls enrols such a node with a drop-in for its systemd unit, "+
-			"setting the TLS settings for this node alone, and found no %s.service to add it to%s; run Mattermost under systemd, or keep its config in config.json",
-			strings.TrimSuffix(pl.loc.Origin, ", a database store"), o.Service, map[bool]string{true: " (--restart-command was given)", false: ""}[o.RestartCommand != ""]))
-	}
 	doc, err := mmconfig.ReadDatabase(ctx, pl.loc.DSN)
 	if err != nil {
 		return refused(fmt.Errorf("%w (MM_CONFIG %s)", err, mmconfig.RedactDSN(pl.loc.DSN)))
 	}
 	if pl.cfgDoc, err = mmconfig.Layered(doc, env); err != nil {
 		return refused(err)
+	}
+	if o.RestartCommand != "" || env.Unit == "" {
+		// No systemd unit to enrol: Mattermost's own API, which saves the
+		// shared configuration and tells the cluster.
+		sock, err := mmconfig.LocalModeSocket(pl.cfgDoc)
+		if err != nil {
+			return refused(fmt.Errorf("Mattermost keeps its config in the database (%s) and is not run by systemd here: %w; "+
+				"or run Mattermost under systemd, where mmtls enrols the node with a drop-in for this node alone", pl.loc.Origin, err))
+		}
+		pl.localMode = sock
+		pl.loc.Path = sock
+		pl.loc.Origin += ", set through Mattermost's local-mode API"
+		return nil
 	}
 	pl.dropIn = mmconfig.TLSDropInPath(p.UnitDirs, o.Service)
 	pl.loc.Path = pl.dropIn

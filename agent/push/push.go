@@ -339,7 +339,7 @@ func (p *Pusher) apply(ctx context.Context, pl *plan) error {
 	j := &journal{
 		Version: journalVersion, PID: os.Getpid(), Started: p.now().UTC(), Options: o,
 		DestDir: o.DestDir, BackupDir: backupDir, Files: pl.install.Files,
-		ConfigPath: pl.loc.Path, ConfigDropIn: pl.dropIn != "", ConfigAbsent: pl.dropIn != "" && pl.dropInOld == nil,
+		ConfigPath: pl.loc.Path, ConfigDropIn: pl.dropIn != "", ConfigAbsent: pl.dropIn != "" && pl.dropInOld == nil, ConfigLocal: pl.localMode != "",
 		New: pl.newExp, Old: pl.oldExp, dir: o.StateDir,
 	}
 	if pl.cfgState != nil {
@@ -370,8 +370,14 @@ func (p *Pusher) apply(ctx context.Context, pl *plan) error {
 	t = time.Now()
 	j.ConfigBackup = filepath.Join(backupDir, "config.json")
 	write := p.writeConfig
-	if pl.dropIn != "" {
+	switch {
+	case pl.dropIn != "":
 		j.ConfigBackup, write = filepath.Join(backupDir, mmconfig.TLSDropInName), p.writeDropIn
+	case pl.localMode != "":
+		write = p.writeLocalMode
+		if len(res.Config.Changes) == 0 {
+			j.ConfigBackup = "" // nothing to patch back
+		}
 	}
 	if err := j.save(stepConfiguring); err != nil {
 		return p.rollback(ctx, j, err, false)
@@ -509,6 +515,22 @@ func (p *Pusher) writeDropIn(pl *plan, backupDir string) ([]mmconfig.Change, err
 	ctx, cancel := context.WithTimeout(context.Background(), pl.o.RestartTimeout)
 	defer cancel()
 	if err := SystemctlDaemonReload(ctx); err != nil {
+		return nil, err
+	}
+	return pl.res.Config.Changes, nil
+}
+
+// writeLocalMode sets the owned settings through Mattermost's local-mode
+// API when they change (the first push; a renewal sets nothing), after
+// backing up the configuration the node runs with.
+func (p *Pusher) writeLocalMode(pl *plan, backupDir string) ([]mmconfig.Change, error) {
+	if err := os.WriteFile(filepath.Join(backupDir, "config.json"), pl.cfgDoc, 0o600); err != nil {
+		return nil, fmt.Errorf("back up mattermost config: %w", err)
+	}
+	if len(pl.res.Config.Changes) == 0 {
+		return nil, nil
+	}
+	if err := mmconfig.PatchLocal(context.Background(), pl.localMode, pl.tls.Settings()); err != nil {
 		return nil, err
 	}
 	return pl.res.Config.Changes, nil

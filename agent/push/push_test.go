@@ -51,16 +51,6 @@ func TestPushRefusesEnvironmentOverrides(t *testing.T) {
 		t.Errorf("Push = %v\nwant refusal containing %s", err, want)
 	}
 
-	// --mm-config naming a database, with a restart command: the node
-	// cannot be enrolled by a drop-in, said plainly (before any connect).
-	os.WriteFile(dropin, []byte("[Service]\nEnvironment=MM_CONFIG=postgres://mmuser@127.0.0.1:1/mattermost\n"), 0o644)
-	o := opts(tr, p)
-	o.RestartCommand, o.NoRestart, o.DryRun = "true", false, true
-	o.MMConfig = "postgres://mmuser@127.0.0.1:1/mattermost"
-	_, err = pu.Push(context.Background(), o)
-	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "mmtls enrols such a node with a drop-in for its systemd unit") {
-		t.Errorf("database config with --restart-command: %v", err)
-	}
 	// An unreachable database: refused, naming it without its password.
 	os.WriteFile(dropin, []byte("[Service]\nEnvironment=MM_CONFIG=postgres://mmuser:secret@127.0.0.1:1/mattermost\n"), 0o644)
 	_, err = pu.Push(context.Background(), opts(tr, p))

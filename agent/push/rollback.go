@@ -77,6 +77,20 @@ func restoreConfig(ctx context.Context, j *journal) error {
 	if j.ConfigDropIn {
 		return restoreDropIn(ctx, j)
 	}
+	if j.ConfigLocal {
+		if j.ConfigBackup == "" {
+			return nil
+		}
+		doc, err := os.ReadFile(j.ConfigBackup)
+		if err != nil {
+			return fmt.Errorf("read config backup: %w", err)
+		}
+		old, err := mmconfig.OwnedValues(doc)
+		if err != nil {
+			return fmt.Errorf("config backup: %w", err)
+		}
+		return mmconfig.PatchLocal(ctx, j.ConfigPath, old)
+	}
 	if j.ConfigBackup == "" {
 		return nil
 	}
@@ -160,7 +174,10 @@ func (p *Pusher) recoverInterrupted(ctx context.Context, cur Options) (string, e
 	if err != nil {
 		return "", refused(fmt.Errorf("recover an interrupted push: %w", err))
 	}
-	if loc.DSN != "" {
+	switch {
+	case loc.DSN != "" && j.ConfigLocal:
+		loc.Path = j.ConfigPath // the socket, read from the database at the push
+	case loc.DSN != "":
 		loc.Path = mmconfig.TLSDropInPath(p.UnitDirs, cur.Service)
 	}
 	if err := j.matches(cur.DestDir, loc.Path); err != nil {
