@@ -27,12 +27,12 @@ import (
 // node is one throwaway Mattermost node: a tree, a stand-in serving it, and
 // the flags that point mmtls at it.
 type node struct {
-	t      *testing.T
+	t      testing.TB
 	tree   *fixture.Tree
 	listen string // the ListenAddress the stand-in starts with
 }
 
-func newNode(t *testing.T, extra ...string) *node {
+func newNode(t testing.TB, extra ...string) *node {
 	t.Helper()
 	root, err := os.MkdirTemp("", "mmtls-e2e-")
 	if err != nil {
@@ -142,7 +142,7 @@ func assertServes(t *testing.T, addr string, p *fixture.Pair) {
 }
 
 // waitFor polls cond until it returns nil or the timeout passes.
-func waitFor(t *testing.T, timeout time.Duration, cond func() error) {
+func waitFor(t testing.TB, timeout time.Duration, cond func() error) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	tick := time.NewTicker(50 * time.Millisecond)

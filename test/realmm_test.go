@@ -183,6 +183,18 @@ func testRealMattermost(t *testing.T, rel fixture.Release) {
 		assertServes(t, addr, p2)
 		logTimings("renewal (TLS -> TLS)", res)
 	})
+	t.Run("doctor: a healthy real node", func(t *testing.T) {
+		r := runMMTLS(t, "doctor", "--json", "--mattermost-dir", n.tree.MattermostDir, "--ca-file", roots, "--owner", mmUser)
+		var out struct{ Checks []map[string]string }
+		if err := json.Unmarshal([]byte(r.stdout), &out); err != nil || r.code != 0 {
+			t.Fatalf("doctor on a healthy node: %v\n%s", err, r)
+		}
+		for _, c := range out.Checks {
+			if (c["id"] == "served" || c["id"] == "served-chain") && c["status"] != "ok" {
+				t.Errorf("doctor on the real %s: %v", rel.Name, c)
+			}
+		}
+	})
 	t.Run("bad pairs refused while the old certificate serves", func(t *testing.T) {
 		before := n.restarts()
 		for name, args := range map[string][]string{

@@ -241,3 +241,36 @@ func fileID(f *os.File) [2]uint64 {
 	}
 	return [2]uint64{st.Dev, st.Ino}
 }
+
+// BindStatus says, changing nothing, whether Mattermost running as uid may
+// listen on listen's port: needed is false above 1023 (or as root); how
+// says what grants it, and fileCap that it is the binary's file capability,
+// which a Mattermost upgrade drops.
+func BindStatus(o Options, unitDirs []string, listen string, uid int, unitFile string) (needed bool, port int, granted, fileCap bool, how string) {
+	o = o.WithDefaults()
+	ps, err := mmconfig.ListenPort(listen)
+	if err != nil {
+		return false, 0, false, false, ""
+	}
+	port, err = strconv.Atoi(ps)
+	if err != nil || port >= 1024 || uid == 0 {
+		return false, port, false, false, ""
+	}
+	if unitFile != "" && unitGrants(unitDirs, o.Service) {
+		return true, port, true, false, "AmbientCapabilities=CAP_NET_BIND_SERVICE in the " + o.Service + " unit or a drop-in"
+	}
+	bin := filepath.Join(o.MattermostDir, "bin", "mattermost")
+	data := make([]byte, 24)
+	n, err := unix.Getxattr(bin, "security.capability", data)
+	if err == nil && n >= 8 && binary.LittleEndian.Uint32(data[0:4])&0x1 != 0 && binary.LittleEndian.Uint32(data[4:8])&(1<<capNetBindService) != 0 {
+		return true, port, true, true, "the file capability cap_net_bind_service on " + bin
+	}
+	return true, port, false, false, ""
+}
+
+// DialAddr is where to connect to reach a ListenAddress: loopback for a
+// wildcard host.
+func DialAddr(listen string) string { return dialAddr(listen) }
+
+// PingPath is SiteURL's path followed by /api/v4/system/ping.
+func PingPath(siteURL string) string { return pingPath(siteURL) }

@@ -134,7 +134,7 @@ Logs go to stderr; --json results go to stdout.
 	root.PersistentFlags().StringVar(&a.logFormat, "log-format", "text", "log format: text or json")
 	root.PersistentFlags().StringVar(&a.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError(err) })
-	root.AddCommand(newPushCmd(a), newRestoreCmd(a), newPublishCmd(a), newClusterCmd(a), newWatchCmd(a), newRunCmd(a), newServiceCmd(a), newBalanceCmd(a), newConfigCmd(), newVersionCmd())
+	root.AddCommand(newPushCmd(a), newRestoreCmd(a), newDoctorCmd(a), newPublishCmd(a), newClusterCmd(a), newWatchCmd(a), newRunCmd(a), newServiceCmd(a), newBalanceCmd(a), newConfigCmd(), newVersionCmd())
 	return root
 }
 
