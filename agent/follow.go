@@ -130,16 +130,11 @@ func (f *Follower) step(ctx context.Context, o push.Options) {
 	}
 	f.Metrics.bundleSeen(b)
 	if nodes, err := f.Store.Nodes(ctx); err == nil && b != nil {
-		alive, current := 0, 0
+		rows := make([]clusterNode, 0, len(nodes))
 		for _, n := range nodes {
-			if clock.Since(clock.Or(f.Clock), n.Heartbeat) <= 3*n.HeartbeatEvery {
-				alive++
-				if n.InstalledBundle == b.ID {
-					current++
-				}
-			}
+			rows = append(rows, clusterNode{name: n.Node, silent: clock.Since(clock.Or(f.Clock), n.Heartbeat) > 3*n.HeartbeatEvery, current: n.InstalledBundle == b.ID})
 		}
-		f.Metrics.clusterNodes(alive, current)
+		f.Metrics.clusterNodes(rows)
 	}
 	switch {
 	case b == nil || b.ID == f.installedID():
@@ -190,6 +185,7 @@ func (f *Follower) apply(ctx context.Context, o push.Options, b *clusterdb.Bundl
 	switch {
 	case err == nil:
 		f.setInstalled(b.ID, res.Certificate.Fingerprint)
+		f.Metrics.certNotAfter(res.Certificate.NotAfter)
 		log.Info("the bundle is in force here", "status", res.Status)
 		f.report(ctx, clusterdb.NodeIdle, "ok", string(res.Status))
 		f.Store.Complete(ctx, b.ID)

@@ -42,6 +42,9 @@ type Metrics struct {
 	bundleTime   prometheus.Gauge
 	rollout      *prometheus.GaugeVec
 	nodes        *prometheus.GaugeVec
+	capReached   prometheus.Gauge
+	nodeCurrent  *prometheus.GaugeVec
+	nodeSilent   *prometheus.GaugeVec
 }
 
 // NewMetrics makes the agent's metrics in a new registry.
@@ -64,6 +67,8 @@ func NewMetrics() *Metrics {
 			Help: "File notifications about the source pair."}),
 		lockWait: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "mmtls_cluster_lock_wait_seconds",
 			Help: "Time waited for the cluster-wide restart lock.", Buckets: prometheus.ExponentialBuckets(0.01, 4, 10)}),
+		capReached: prometheus.NewGauge(prometheus.GaugeOpts{Name: "mmtls_restart_cap_reached",
+			Help: "1 while a push waits because watch.max_restarts_per_hour restarts were made in the last hour."}),
 		inconsistent: prometheus.NewGauge(prometheus.GaugeOpts{Name: "mmtls_source_inconsistent",
 			Help: "1 while the source pair has been unusable past watch.report_mismatch_after."}),
 	}
@@ -71,12 +76,16 @@ func NewMetrics() *Metrics {
 		Help: "Unix time the cluster's current bundle was published (its age is time() minus this)."})
 	m.rollout = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mmtls_cluster_rollout_state",
 		Help: "1 for the state of the current bundle's rollout: rolling, complete or halted."}, []string{"state"})
+	m.nodeCurrent = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mmtls_cluster_node_on_current_bundle",
+		Help: "Per node of the cluster whose agent is alive, as its agent reported: 1 when it installed the current bundle, 0 when not."}, []string{"node"})
+	m.nodeSilent = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mmtls_cluster_node_silent",
+		Help: "Per node of the cluster: 1 when its agent's heartbeat is older than three of its reconcile intervals."}, []string{"node"})
 	m.nodes = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mmtls_cluster_nodes",
-		Help: "Nodes of the cluster whose agent is alive (which=\"alive\"), and those of them that installed the current bundle (which=\"current\")."}, []string{"which"})
+		Help: "Nodes of the cluster whose agent is alive (which=\"alive\"), those of them that installed the current bundle (which=\"current\"), and those whose heartbeat is older than three reconcile intervals (which=\"silent\")."}, []string{"which"})
 	// notAfter is registered at its first value: a balancer-only process
 	// manages no certificate, and a 0 there would fire expiry alerts.
-	m.Registry.MustRegister(m.pushes, m.restarts, m.rollbacks, m.verify, m.lastSuccess, m.events, m.lockWait, m.inconsistent,
-		m.bundleTime, m.rollout, m.nodes)
+	m.Registry.MustRegister(m.pushes, m.restarts, m.rollbacks, m.verify, m.lastSuccess, m.events, m.lockWait, m.inconsistent, m.capReached,
+		m.bundleTime, m.rollout, m.nodes, m.nodeCurrent, m.nodeSilent)
 	return m
 }
 
@@ -121,10 +130,51 @@ func (m *Metrics) bundleSeen(b *clusterdb.Bundle) {
 	}
 }
 
-func (m *Metrics) clusterNodes(alive, current int) {
-	if m != nil {
-		m.nodes.WithLabelValues("alive").Set(float64(alive))
-		m.nodes.WithLabelValues("current").Set(float64(current))
+// clusterNode is one node's row as the cluster database has it.
+type clusterNode struct {
+	name            string
+	silent, current bool
+}
+
+func (m *Metrics) clusterNodes(nodes []clusterNode) {
+	if m == nil {
+		return
+	}
+	alive, current, silent := 0, 0, 0
+	m.nodeCurrent.Reset()
+	m.nodeSilent.Reset()
+	for _, n := range nodes {
+		m.nodeSilent.WithLabelValues(n.name).Set(b2f(n.silent))
+		if n.silent {
+			silent++
+			continue
+		}
+		alive++
+		if n.current {
+			current++
+		}
+		m.nodeCurrent.WithLabelValues(n.name).Set(b2f(n.current))
+	}
+	m.nodes.WithLabelValues("alive").Set(float64(alive))
+	m.nodes.WithLabelValues("current").Set(float64(current))
+	m.nodes.WithLabelValues("silent").Set(float64(silent))
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+func (m *Metrics) restartCap(reached bool) {
+	if m == nil {
+		return
+	}
+	if reached {
+		m.capReached.Set(1)
+	} else {
+		m.capReached.Set(0)
 	}
 }
 
@@ -227,12 +277,6 @@ func (c *balancerCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c *balancerCollector) Collect(ch chan<- prometheus.Metric) {
-	b2f := func(b bool) float64 {
-		if b {
-			return 1
-		}
-		return 0
-	}
 	for _, u := range c.b.Status() {
 		ch <- prometheus.MustNewConstMetric(upActiveDesc, prometheus.GaugeValue, float64(u.Active), u.Addr)
 		ch <- prometheus.MustNewConstMetric(upTotalDesc, prometheus.CounterValue, float64(u.Total), u.Addr)

@@ -388,10 +388,12 @@ func (l *watchLoop) process(ctx context.Context, reconcile bool) {
 			l.capLogged = true
 			l.log.Warn("restart cap reached; the push waits", "max_restarts_per_hour", o.MaxRestartsPerHour, "wait", wait.Round(time.Second))
 		}
+		l.w.Metrics.restartCap(true)
 		l.schedule(wait)
 		return
 	}
 	l.capLogged = false
+	l.w.Metrics.restartCap(false)
 
 	// Stopping the agent cancels a push that is still waiting (for the
 	// lock, say), which then puts back what it installed; once Mattermost

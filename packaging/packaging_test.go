@@ -144,7 +144,8 @@ func TestPackages(t *testing.T) {
 		return string(b)
 	}
 	contents := run(dpkgDeb, "-c", debs[0])
-	for _, want := range []string{"-rwxr-xr-x root/root", "./usr/bin/mmtls", "./lib/systemd/system/mmtls.service", "-rw------- root/root", "./etc/mmtls/mmtls.toml", "drwx------ root/root"} {
+	for _, want := range []string{"-rwxr-xr-x root/root", "./usr/bin/mmtls", "./lib/systemd/system/mmtls.service", "-rw------- root/root", "./etc/mmtls/mmtls.toml", "drwx------ root/root",
+		"./usr/share/mmtls/monitoring/mmtls-alerts.yml", "./usr/share/mmtls/monitoring/mmtls-dashboard.json"} {
 		if !strings.Contains(contents, want) {
 			t.Errorf("deb contents lack %q:\n%s", want, contents)
 		}
@@ -157,7 +158,7 @@ func TestPackages(t *testing.T) {
 		t.Error("no control archive")
 	}
 	list := run(rpm, "-qlp", rpms[0])
-	for _, want := range []string{"/usr/bin/mmtls", "/lib/systemd/system/mmtls.service", "/etc/mmtls/mmtls.toml", "/var/lib/mmtls"} {
+	for _, want := range []string{"/usr/bin/mmtls", "/lib/systemd/system/mmtls.service", "/etc/mmtls/mmtls.toml", "/var/lib/mmtls", "/usr/share/mmtls/monitoring/mmtls-alerts.yml"} {
 		if !strings.Contains(list, want) {
 			t.Errorf("rpm file list lacks %s:\n%s", want, list)
 		}
