@@ -17,6 +17,7 @@ import (
 	"github.com/BurntSushi/toml"
 	"github.com/mmtls/mmtls/agent/balance"
 	"github.com/mmtls/mmtls/agent/clusterdb"
+	"github.com/mmtls/mmtls/agent/issuer"
 	"github.com/mmtls/mmtls/agent/push"
 	"github.com/mmtls/mmtls/mmconfig"
 )
@@ -37,6 +38,9 @@ type Config struct {
 	// Balance, when it names listeners and upstreams, runs the balancer
 	// (mmtls balance) in the agent too.
 	Balance balance.Options `toml:"balance"`
+	// ACME, on the host that answers port 80 (the balancer's
+	// redirect_http), obtains and renews the certificate itself.
+	ACME issuer.Options `toml:"acme"`
 }
 
 // SourceConfig names the pair the agent watches and pushes.
@@ -226,8 +230,10 @@ func (c *Config) validate() error {
 		return bad("source.from", "\"cluster\" takes the pair from the cluster's database: remove source.cert and source.key")
 	case c.Source.FromCluster() && c.Cluster.Publish:
 		return bad("cluster.publish", "a node that takes its pair from the cluster cannot publish it")
-	case c.Cluster.Publish && (c.Source.Cert == "" || c.Source.Key == ""):
-		return bad("cluster.publish", "publishes the source pair: set source.cert and source.key")
+	case c.Cluster.Publish && !c.ACME.Enabled() && (c.Source.Cert == "" || c.Source.Key == ""):
+		return bad("cluster.publish", "publishes the source pair: set source.cert and source.key (or [acme])")
+	case c.ACME.Enabled() && (c.Source.Cert != "" || c.Source.Key != "" || c.Source.FromCluster()):
+		return bad("acme", "[acme] obtains the pair itself: remove [source]")
 	}
 	if c.Watch.MaxRestartsPerHour < 0 {
 		return bad("watch.max_restarts_per_hour", "%d: must not be negative", c.Watch.MaxRestartsPerHour)

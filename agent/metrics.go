@@ -45,6 +45,9 @@ type Metrics struct {
 	capReached   prometheus.Gauge
 	nodeCurrent  *prometheus.GaugeVec
 	nodeSilent   *prometheus.GaugeVec
+	acmeNext     prometheus.Gauge
+	acmeErrors   prometheus.Counter
+	acmeLastErr  prometheus.Gauge
 }
 
 // NewMetrics makes the agent's metrics in a new registry.
@@ -80,12 +83,18 @@ func NewMetrics() *Metrics {
 		Help: "Per node of the cluster whose agent is alive, as its agent reported: 1 when it installed the current bundle, 0 when not."}, []string{"node"})
 	m.nodeSilent = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mmtls_cluster_node_silent",
 		Help: "Per node of the cluster: 1 when its agent's heartbeat is older than three of its reconcile intervals."}, []string{"node"})
+	m.acmeNext = prometheus.NewGauge(prometheus.GaugeOpts{Name: "mmtls_acme_next_renewal_timestamp_seconds",
+		Help: "When the ACME certificate is renewed next, as a Unix time."})
+	m.acmeErrors = prometheus.NewCounter(prometheus.CounterOpts{Name: "mmtls_acme_errors_total",
+		Help: "ACME orders or deliveries that failed (each retried with backoff)."})
+	m.acmeLastErr = prometheus.NewGauge(prometheus.GaugeOpts{Name: "mmtls_acme_last_error_timestamp_seconds",
+		Help: "When the last ACME order or delivery failed, as a Unix time."})
 	m.nodes = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mmtls_cluster_nodes",
 		Help: "Nodes of the cluster whose agent is alive (which=\"alive\"), those of them that installed the current bundle (which=\"current\"), and those whose heartbeat is older than three reconcile intervals (which=\"silent\")."}, []string{"which"})
 	// notAfter is registered at its first value: a balancer-only process
 	// manages no certificate, and a 0 there would fire expiry alerts.
 	m.Registry.MustRegister(m.pushes, m.restarts, m.rollbacks, m.verify, m.lastSuccess, m.events, m.lockWait, m.inconsistent, m.capReached,
-		m.bundleTime, m.rollout, m.nodes, m.nodeCurrent, m.nodeSilent)
+		m.bundleTime, m.rollout, m.nodes, m.nodeCurrent, m.nodeSilent, m.acmeNext, m.acmeErrors, m.acmeLastErr)
 	return m
 }
 
@@ -165,6 +174,19 @@ func b2f(b bool) float64 {
 		return 1
 	}
 	return 0
+}
+
+func (m *Metrics) acmeNextRenewal(t time.Time) {
+	if m != nil {
+		m.acmeNext.Set(float64(t.Unix()))
+	}
+}
+
+func (m *Metrics) acmeFailed(t time.Time) {
+	if m != nil {
+		m.acmeErrors.Inc()
+		m.acmeLastErr.Set(float64(t.Unix()))
+	}
 }
 
 func (m *Metrics) restartCap(reached bool) {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/url"
 	"reflect"
 	"sync"
 	"time"
@@ -13,6 +14,7 @@ import (
 	"github.com/mmtls/mmtls/agent/balance"
 	"github.com/mmtls/mmtls/agent/clock"
 	"github.com/mmtls/mmtls/agent/clusterdb"
+	"github.com/mmtls/mmtls/agent/issuer"
 	"github.com/mmtls/mmtls/agent/push"
 )
 
@@ -99,6 +101,10 @@ type Settings struct {
 	// Balance, if not nil, runs the balancer beside the watch loop (a
 	// [balance] section in the config file).
 	Balance *balance.Options
+	// ACME, if not nil, obtains and renews the certificate, answering
+	// HTTP-01 on the balancer's redirect_http, and publishes each one to
+	// the cluster ([cluster] publish) or pushes it here. Read at start.
+	ACME *issuer.Options
 }
 
 // Agent is what `mmtls run` and `mmtls watch` run: the watch loop, the
@@ -166,6 +172,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	var b *balance.Service
 	if s.Balance != nil {
 		b = &balance.Service{Options: *s.Balance, Logger: a.log, Started: a.metrics.WatchBalancer}
+	}
+	if s.ACME != nil {
+		run, err := a.acme(s, b)
+		if err != nil {
+			return err
+		}
+		runs = append(runs, run)
 	}
 	a.mu.Lock()
 	a.settings, a.watcher, a.balancer = s, w, b
@@ -269,6 +282,48 @@ func (a *Agent) agentCheck(c ClusterConfig) (push.Drainer, []func(context.Contex
 		return nil, nil, err
 	}
 	return ac, []func(context.Context) error{func(ctx context.Context) error { return ac.Serve(ctx, ln) }}, nil
+}
+
+// acme sets up [acme]: HTTP-01 answered from memory on the balancer's
+// redirect_http, and each new pair published to the cluster ([cluster]
+// publish, or a dsn) or pushed here.
+func (a *Agent) acme(s Settings, b *balance.Service) (func(context.Context) error, error) {
+	o := *s.ACME
+	if b == nil || s.Balance.RedirectHTTP == "" {
+		return nil, fmt.Errorf("%w: [acme] answers the CA's http-01 challenge on port 80: it needs [balance] redirect_http (and site_url)", push.ErrUsage)
+	}
+	if len(o.Names) == 0 {
+		if u, err := url.Parse(s.Balance.SiteURL); err == nil && u.Hostname() != "" {
+			o.Names = []string{u.Hostname()}
+		}
+	}
+	if err := o.Validate(); err != nil {
+		return nil, fmt.Errorf("%w: %w", push.ErrUsage, err)
+	}
+	ch := &issuer.Challenges{}
+	b.Challenges = ch
+	is := &issuer.Issuer{Options: o, Challenges: ch, Logger: a.log}
+	var deliver Pusher = &push.Pusher{Logger: a.log, UnitDirs: a.unitDirs, Clock: a.clock}
+	base := s.Watch.Push
+	if s.Cluster.Publish || s.Cluster.DSN != "" {
+		store, key, err := OpenCluster(s.Cluster, s.Watch.Push, a.unitDirs, a.log)
+		if err != nil {
+			return nil, err
+		}
+		deliver = &Publisher{Store: store, Key: key, By: hostname(), SiteURL: s.Balance.SiteURL, CAFile: o.CAFile, Logger: a.log, Clock: a.clock}
+	} else if base.CAFile == "" {
+		base.CAFile = o.CAFile
+	}
+	obs := issuer.Observer{NextRenewal: a.metrics.acmeNextRenewal, Failed: a.metrics.acmeFailed}
+	return func(ctx context.Context) error {
+		return is.Run(ctx, a.clock, func(ctx context.Context, cert, key string) error {
+			o := base
+			o.CertFile, o.KeyFile = cert, key
+			res, err := deliver.Push(ctx, o)
+			a.metrics.observePush(res, err)
+			return err
+		}, obs)
+	}, nil
 }
 
 // OpenCluster opens the cluster's database and reads the cluster key.

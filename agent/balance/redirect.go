@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -28,6 +29,16 @@ const acmePrefix = "/.well-known/acme-challenge/"
 // renewals keep working; without a webroot they get 404. Mattermost's own
 // Forward80To443 cannot work behind a passthrough balancer.
 func RedirectHandler(siteURL, webroot string) (http.Handler, error) {
+	return redirectHandler(siteURL, webroot, nil)
+}
+
+// Challenges answers HTTP-01 challenges from memory (the agent's own ACME
+// client), before the webroot.
+type Challenges interface {
+	Lookup(token string) (keyAuthorization string, ok bool)
+}
+
+func redirectHandler(siteURL, webroot string, mem Challenges) (http.Handler, error) {
 	u, err := url.Parse(siteURL)
 	if err != nil || u.Scheme != "https" || u.Host == "" {
 		return nil, fmt.Errorf("--site-url %q: want https://host", siteURL)
@@ -35,6 +46,13 @@ func RedirectHandler(siteURL, webroot string) (http.Handler, error) {
 	host := u.Host
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if tok, ok := strings.CutPrefix(r.URL.Path, acmePrefix); ok {
+			if mem != nil && acmeToken.MatchString(tok) {
+				if ka, ok := mem.Lookup(tok); ok {
+					w.Header().Set("Content-Type", "text/plain")
+					io.WriteString(w, ka)
+					return
+				}
+			}
 			if webroot == "" || !acmeToken.MatchString(tok) {
 				http.NotFound(w, r)
 				return
@@ -70,8 +88,8 @@ func serveChallenge(w http.ResponseWriter, r *http.Request, webroot, tok string)
 }
 
 // serveRedirect runs the redirect listener until ctx ends.
-func serveRedirect(ctx context.Context, addr, siteURL, webroot string, log *slog.Logger) (func(), error) {
-	h, err := RedirectHandler(siteURL, webroot)
+func serveRedirect(ctx context.Context, addr, siteURL, webroot string, mem Challenges, log *slog.Logger) (func(), error) {
+	h, err := redirectHandler(siteURL, webroot, mem)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}

@@ -23,6 +23,9 @@ type Service struct {
 	// Started, if not nil, is called with the balancer once it exists and
 	// before it serves (the agent exports its state as metrics).
 	Started func(*passthrough.Balancer)
+	// Challenges, if not nil, answers ACME HTTP-01 challenges on the
+	// --redirect-http listener from memory (the agent's [acme]).
+	Challenges Challenges
 
 	mu sync.Mutex
 	b  *passthrough.Balancer // set by Run; guarded by mu
@@ -78,7 +81,7 @@ func (s *Service) Run(ctx context.Context) (err error) {
 	serveCtx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	if o.RedirectHTTP != "" {
-		wait, err := serveRedirect(serveCtx, o.RedirectHTTP, o.SiteURL, o.ACMEWebroot, log)
+		wait, err := serveRedirect(serveCtx, o.RedirectHTTP, o.SiteURL, o.ACMEWebroot, s.Challenges, log)
 		if err != nil {
 			return err
 		}

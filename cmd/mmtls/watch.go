@@ -49,6 +49,10 @@ func (af *agentFlags) settings(f *pflag.FlagSet) (agent.Settings, error) {
 		s.Balance = &b
 	}
 	s.FromCluster = cfg.Source.FromCluster()
+	if cfg.ACME.Enabled() {
+		o := cfg.ACME
+		s.ACME = &o
+	}
 	// A balancer-only host: the file has [balance] and no source.
 	s.NoWatch = s.Balance != nil && s.Watch.Push.CertFile == "" && s.Watch.Push.KeyFile == "" && !s.FromCluster
 	if !s.NoWatch {
