@@ -232,8 +232,6 @@ func (c *Config) validate() error {
 		return bad("cluster.publish", "a node that takes its pair from the cluster cannot publish it")
 	case c.Cluster.Publish && !c.ACME.Enabled() && (c.Source.Cert == "" || c.Source.Key == ""):
 		return bad("cluster.publish", "publishes the source pair: set source.cert and source.key (or [acme])")
-	case c.ACME.Enabled() && (c.Source.Cert != "" || c.Source.Key != "" || c.Source.FromCluster()):
-		return bad("acme", "[acme] obtains the pair itself: remove [source]")
 	}
 	if c.Watch.MaxRestartsPerHour < 0 {
 		return bad("watch.max_restarts_per_hour", "%d: must not be negative", c.Watch.MaxRestartsPerHour)

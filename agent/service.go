@@ -289,6 +289,9 @@ func (a *Agent) agentCheck(c ClusterConfig) (push.Drainer, []func(context.Contex
 // publish, or a dsn) or pushed here.
 func (a *Agent) acme(s Settings, b *balance.Service) (func(context.Context) error, error) {
 	o := *s.ACME
+	if !s.NoWatch {
+		return nil, fmt.Errorf("%w: [acme] obtains the pair itself: remove [source] (its cert, key or from)", push.ErrUsage)
+	}
 	if b == nil || s.Balance.RedirectHTTP == "" {
 		return nil, fmt.Errorf("%w: [acme] answers the CA's http-01 challenge on port 80: it needs [balance] redirect_http (and site_url)", push.ErrUsage)
 	}

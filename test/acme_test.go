@@ -192,6 +192,11 @@ key_file = %q
 		t.Fatalf("no issuance logged:\n%s", &out)
 	}
 	t.Logf("issued and rolled out to both nodes: %s", first)
+	res := runMMTLS(t, "doctor", "--config", filepath.Join(dir, "mmtls.toml"), "--json")
+	if !strings.Contains(res.stdout, `"id": "acme",
+      "status": "ok"`) {
+		t.Errorf("doctor's acme check on the balancer host:\n%s", res.stdout)
+	}
 
 	// The renewal, at two thirds of the lifetime, with fresh TLS
 	// connections through the balancer all along.

@@ -107,12 +107,12 @@ func TestDoctorHealthyNode(t *testing.T) {
 	dn := newDoctorNode(t)
 	cs := dn.diagnose(dn.options())
 	wantHealthy(t, cs)
-	for _, id := range []string{"office365-redirect", "http-redirect", "source", "balancer", "cluster"} {
+	for _, id := range []string{"office365-redirect", "http-redirect", "source", "balancer", "cluster", "acme"} {
 		want(t, cs, id, doctor.Skip)
 	}
 	r := runMMTLS(t, "doctor", "--json", "--mattermost-dir", dn.tree.MattermostDir, "--state-dir", dn.tree.StateDir, "--ca-file", dn.roots, "--owner", mmUser)
 	var out struct{ Checks []doctor.Check }
-	if err := json.Unmarshal([]byte(r.stdout), &out); err != nil || r.code != 0 || len(out.Checks) != 18 {
+	if err := json.Unmarshal([]byte(r.stdout), &out); err != nil || r.code != 0 || len(out.Checks) != 19 {
 		t.Fatalf("doctor --json: %v\n%s", err, r)
 	}
 	// A balancer in front, and the plain-HTTP redirect.

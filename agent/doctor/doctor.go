@@ -32,6 +32,7 @@ import (
 	"github.com/mattermost/mattermost/server/public/model"
 
 	"github.com/mmtls/mmtls/agent/clock"
+	"github.com/mmtls/mmtls/agent/issuer"
 	"github.com/mmtls/mmtls/agent/push"
 	"github.com/mmtls/mmtls/certs"
 	"github.com/mmtls/mmtls/mmconfig"
@@ -72,6 +73,8 @@ type Options struct {
 	// Balancer is the balancer's TLS address (HOST:PORT), HTTPRedirect the
 	// plain-HTTP address that should redirect to https; "" skips them.
 	Balancer, HTTPRedirect string
+	// ACME is the config's [acme], if the host obtains its certificate.
+	ACME *issuer.Options
 	// Cluster reports whether every node serves the current bundle; nil
 	// skips the check.
 	Cluster func(ctx context.Context) (ok bool, summary string, err error)
@@ -130,6 +133,7 @@ func Run(ctx context.Context, o Options) []Check {
 	n.checkService(ctx)
 	n.checkBalancer(ctx)
 	n.checkCluster(ctx)
+	n.checkACME()
 	return n.out
 }
 
@@ -668,4 +672,34 @@ func lookup(name string) (int, int, error) {
 	uid, _ := strconv.Atoi(u.Uid)
 	gid, _ := strconv.Atoi(u.Gid)
 	return uid, gid, nil
+}
+
+// checkACME looks at what [acme] keeps: the account and the current pair,
+// and when it is renewed.
+func (n *node) checkACME() {
+	if n.o.ACME == nil {
+		n.add("acme", Skip, "no [acme] in the config", "")
+		return
+	}
+	o := n.o.ACME.WithDefaults()
+	is := &issuer.Issuer{Options: o}
+	account := filepath.Join(o.StateDir, "account.key")
+	if _, err := os.Stat(account); err != nil {
+		n.add("acme", Warn, fmt.Sprintf("no ACME account yet (%s): the agent registers at %s when it starts", account, o.Directory),
+			"start the agent (mmtls service start) and read its log (journalctl -u mmtls)")
+		return
+	}
+	pair, err := is.Current()
+	switch {
+	case err != nil:
+		n.add("acme", Fail, "the stored ACME certificate: "+err.Error(), "remove it from "+o.StateDir+"; the agent orders a new one")
+	case pair == nil:
+		n.add("acme", Warn, "account "+account+", but no certificate obtained yet", "journalctl -u mmtls: the CA's answer (is port 80 reaching redirect_http?)")
+	case n.now.After(issuer.RenewAt(pair.Leaf()).Add(time.Hour)):
+		n.add("acme", Warn, fmt.Sprintf("the certificate for %s was due for renewal at %s and is still the current one", strings.Join(pair.Leaf().DNSNames, ", "), issuer.RenewAt(pair.Leaf()).Format(time.RFC3339)),
+			"journalctl -u mmtls: the last ACME error")
+	default:
+		n.add("acme", OK, fmt.Sprintf("account %s; certificate for %s until %s, renewed at %s", account, strings.Join(pair.Leaf().DNSNames, ", "),
+			pair.Leaf().NotAfter.Format("2006-01-02"), issuer.RenewAt(pair.Leaf()).Format(time.RFC3339)), "")
+	}
 }

@@ -37,7 +37,7 @@ network check has a short timeout.
 Check ids (stable; --json prints them): site-url, office365-redirect,
 pair-matches, cert-host, cert-chain, cert-expiry, files, config,
 bind-privilege, served, served-chain, tls-policy, lets-encrypt,
-http-redirect, source, service, balancer, cluster.
+http-redirect, source, service, balancer, cluster, acme.
 
 Exit codes: 0 nothing failed (warnings alone: 0), 1 a check failed, 2 usage.`,
 		Example: `  mmtls doctor
@@ -68,6 +68,10 @@ Exit codes: 0 nothing failed (warnings alone: 0), 1 a check failed, 2 usage.`,
 						}
 						return ok, clusterSummary(st), nil
 					}
+				}
+				if c.ACME.Enabled() {
+					acme := c.ACME
+					o.ACME = &acme
 				}
 				if o.Balancer == "" && len(c.Balance.Listen) > 0 {
 					o.Balancer = dialable(c.Balance.Listen[0])
