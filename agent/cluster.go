@@ -38,8 +38,11 @@ const (
 	// releases it anyway.
 	unlockTimeout = 10 * time.Second
 	// clusterLockKey is the PostgreSQL advisory lock every mmtls agent of a
-	// cluster takes around its restart ("mmtls" and a version byte).
-	clusterLockKey int64 = 0x6d6d746c7301
+	// cluster takes around its restart.
+	clusterLockKey = clusterdb.RestartLockKey
+	// acmeLockKey is the advisory lock of the balancer hosts that order
+	// the cluster's certificate.
+	acmeLockKey = clusterdb.OrderLockKey
 )
 
 // PostgresLock holds a PostgreSQL advisory lock in the database the
@@ -47,7 +50,11 @@ const (
 // unreachable, or the lock is not released) falls back to a random splay
 // and says so.
 type PostgresLock struct {
-	DSN     string
+	DSN string
+	// Key is the advisory lock's key; 0 means the cluster restart lock's.
+	// Name says which lock in logs; "" means the cluster restart lock.
+	Key     int64
+	Name    string
 	Wait    time.Duration // 0 means DefaultLockWait
 	Splay   time.Duration // 0 means DefaultSplay
 	Logger  *slog.Logger  // nil discards
@@ -56,6 +63,20 @@ type PostgresLock struct {
 }
 
 func (l *PostgresLock) String() string { return "postgres advisory lock" }
+
+func (l *PostgresLock) key() int64 {
+	if l.Key == 0 {
+		return clusterLockKey
+	}
+	return l.Key
+}
+
+func (l *PostgresLock) name() string {
+	if l.Name == "" {
+		return "the cluster restart lock"
+	}
+	return "the " + l.Name
+}
 
 // Acquire takes the lock, retrying the connection until Wait passes.
 func (l *PostgresLock) Acquire(ctx context.Context) (func(), error) {
@@ -71,19 +92,19 @@ func (l *PostgresLock) Acquire(ctx context.Context) (func(), error) {
 		conn, err := l.lock(wctx)
 		if err == nil {
 			l.Metrics.lockWaited(clock.Since(clk, start))
-			log.Info("holding the cluster restart lock", "waited", clock.Since(clk, start).Round(time.Millisecond))
+			log.Info("holding "+l.name(), "waited", clock.Since(clk, start).Round(time.Millisecond))
 			return func() {
 				rctx, cancel := context.WithTimeout(context.Background(), unlockTimeout)
 				defer cancel()
-				if _, err := conn.Exec(rctx, "SELECT pg_advisory_unlock($1)", clusterLockKey); err != nil {
-					log.Warn("releasing the cluster restart lock failed; closing the connection releases it", "err", err)
+				if _, err := conn.Exec(rctx, "SELECT pg_advisory_unlock($1)", l.key()); err != nil {
+					log.Warn("releasing "+l.name()+" failed; closing the connection releases it", "err", err)
 				}
 				conn.Close(rctx)
 			}, nil
 		}
 		lastErr = err
 		if attempt == 0 {
-			log.Info("waiting for the cluster restart lock", "err", err)
+			log.Info("waiting for "+l.name(), "err", err)
 		}
 		select {
 		case <-wctx.Done():
@@ -110,7 +131,7 @@ func (l *PostgresLock) lock(ctx context.Context) (*pgx.Conn, error) {
 	if err != nil {
 		return nil, err // says "connect to the cluster database"
 	}
-	if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock($1)", clusterLockKey); err != nil {
+	if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock($1)", l.key()); err != nil {
 		conn.Close(context.Background())
 		return nil, fmt.Errorf("pg_advisory_lock: %w", err)
 	}

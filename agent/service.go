@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"crypto/x509"
 	"fmt"
 	"log/slog"
 	"net"
@@ -16,6 +17,7 @@ import (
 	"github.com/mmtls/mmtls/agent/clusterdb"
 	"github.com/mmtls/mmtls/agent/issuer"
 	"github.com/mmtls/mmtls/agent/push"
+	"github.com/mmtls/mmtls/certs"
 )
 
 // DefaultStopTimeout bounds how long stopping the agent may take: a push
@@ -314,6 +316,17 @@ func (a *Agent) acme(s Settings, b *balance.Service) (func(context.Context) erro
 			return nil, err
 		}
 		deliver = &Publisher{Store: store, Key: key, By: hostname(), SiteURL: s.Balance.SiteURL, CAFile: o.CAFile, Logger: a.log, Clock: a.clock}
+		// Several balancer hosts: one orders at a time, the others take
+		// what it published.
+		is.Published = func(ctx context.Context) (*x509.Certificate, error) {
+			b, err := store.Current(ctx)
+			if err != nil || b == nil {
+				return nil, err
+			}
+			return certs.FirstCertificate(b.ChainPEM)
+		}
+		lock := &PostgresLock{DSN: store.DSN(), Key: acmeLockKey, Name: "ACME order lock", Logger: a.log, Clock: a.clock}
+		is.Lock = lock.Acquire
 	} else if base.CAFile == "" {
 		base.CAFile = o.CAFile
 	}

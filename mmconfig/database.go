@@ -38,7 +38,7 @@ func databaseDriver(s string) string {
 func ReadDatabase(ctx context.Context, dsn string) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, databaseTimeout)
 	defer cancel()
-	conn, err := pgx.Connect(ctx, cleanDSN(dsn))
+	conn, err := pgx.Connect(ctx, CleanDSN(dsn))
 	if err != nil {
 		return nil, fmt.Errorf("read Mattermost's config from the database: %w", err)
 	}
@@ -59,9 +59,9 @@ func ReadDatabase(ctx context.Context, dsn string) ([]byte, error) {
 	return []byte(doc), nil
 }
 
-// cleanDSN drops the lib/pq options Mattermost's DSNs may carry, which
-// PostgreSQL would take for unknown run-time parameters.
-func cleanDSN(dsn string) string {
+// CleanDSN drops the lib/pq options Mattermost's DSNs may carry, which
+// PostgreSQL would take for unknown run-time parameters (pgx sends them).
+func CleanDSN(dsn string) string {
 	u, err := url.Parse(dsn)
 	if err != nil || u.RawQuery == "" {
 		return dsn

@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -149,27 +148,7 @@ dsn = %q
 key_file = %q
 `, listen, strings.TrimSuffix(ups, ", "), httpAddr, fixture.SiteHost, filepath.Join(dir, "balance.sock"), agentPort, pb.directory, pb.roots, filepath.Join(dir, "acme"), r.pg.DSN, r.key)
 	os.WriteFile(filepath.Join(dir, "mmtls.toml"), []byte(conf), 0o600)
-	agent := exec.Command(mmtlsBin, "run", "--config", filepath.Join(dir, "mmtls.toml"), "--log-level", "debug")
-	var out fixture.Buffer
-	agent.Stderr = &out
-	agent.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := agent.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { agent.Wait(); close(done) }()
-	t.Cleanup(func() {
-		agent.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(40 * time.Second):
-			agent.Process.Kill()
-			<-done
-		}
-		if t.Failed() {
-			t.Logf("balancer host's agent:\n%s", &out)
-		}
-	})
+	out, _ := startDaemon(t, "the balancer host's agent", exec.Command(mmtlsBin, "run", "--config", filepath.Join(dir, "mmtls.toml"), "--log-level", "debug"), 40*time.Second)
 
 	// The first certificate, on every node.
 	var first string
@@ -189,13 +168,34 @@ key_file = %q
 		return nil
 	})
 	if !strings.Contains(out.String(), "certificate issued") {
-		t.Fatalf("no issuance logged:\n%s", &out)
+		t.Fatalf("no issuance logged:\n%s", out)
 	}
 	t.Logf("issued and rolled out to both nodes: %s", first)
 	res := runMMTLS(t, "doctor", "--config", filepath.Join(dir, "mmtls.toml"), "--json")
 	if !strings.Contains(res.stdout, `"id": "acme",
       "status": "ok"`) {
 		t.Errorf("doctor's acme check on the balancer host:\n%s", res.stdout)
+	}
+
+	// A second balancer host, started now: it takes the cluster's
+	// certificate for its schedule and orders nothing. (It stops before
+	// the renewal: pebble validates on the first host's port only.)
+	dir2 := t.TempDir()
+	listen2, _ := fixture.PickPort()
+	http2, _ := fixture.PickPort()
+	conf2 := strings.NewReplacer(listen, listen2, httpAddr, http2, filepath.Join(dir, "balance.sock"), filepath.Join(dir2, "balance.sock"),
+		filepath.Join(dir, "acme"), filepath.Join(dir2, "acme")).Replace(conf)
+	os.WriteFile(filepath.Join(dir2, "mmtls.toml"), []byte(conf2), 0o600)
+	out2, stop2 := startDaemon(t, "the second balancer host's agent", exec.Command(mmtlsBin, "run", "--config", filepath.Join(dir2, "mmtls.toml"), "--log-level", "debug"), 40*time.Second)
+	waitFor(t, 30*time.Second, func() error {
+		if !strings.Contains(out2.String(), "ACME: the cluster's certificate is current") {
+			return fmt.Errorf("the second host has not looked at the cluster's certificate")
+		}
+		return nil
+	})
+	stop2()
+	if strings.Contains(out2.String(), "certificate issued") || strings.Contains(out2.String(), "ACME: no new certificate") {
+		t.Errorf("the second balancer host ordered:\n%s", out2)
 	}
 
 	// The renewal, at two thirds of the lifetime, with fresh TLS

@@ -42,29 +42,8 @@ func TestDatabaseConfigEnrolledByDropIn(t *testing.T) {
 	in := func(p string) string { return labTree + strings.TrimPrefix(p, tree.Root) }
 	mmtls := labBin + "/mmtls"
 	envFile := "/opt/mattermost/config/mattermost.environment"
-	labRun(t, lab, "sh", "-c", fmt.Sprintf(`printf 'MM_CONFIG=%s\n' > %s && chown mattermost: %s && chmod 600 %s
-cat > /lib/systemd/system/mattermost.service <<'EOF'
-[Unit]
-Description=Mattermost
-After=network.target
-
-[Service]
-Type=notify
-ExecStart=/opt/mattermost/bin/mattermost
-EnvironmentFile=%s
-TimeoutStartSec=3600
-KillMode=mixed
-Restart=always
-RestartSec=10
-WorkingDirectory=/opt/mattermost
-User=mattermost
-Group=mattermost
-LimitNOFILE=49152
-
-[Install]
-WantedBy=multi-user.target
-EOF
-systemctl daemon-reload && systemctl start mattermost`, pg.DSN, envFile, envFile, envFile, envFile))
+	labRun(t, lab, "sh", "-c", fmt.Sprintf("printf 'MM_CONFIG=%s\\n' > %s && chown mattermost: %s && chmod 600 %s", pg.DSN, envFile, envFile, envFile))
+	startMattermostUnit(t, lab, "EnvironmentFile="+envFile+"\n")
 	waitForReal(t, n, listen)
 	before := rows()
 

@@ -16,7 +16,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -391,27 +390,7 @@ func startHAProxy(t *testing.T, args []string) (string, string) {
 	cfg = strings.Replace(cfg, "log /dev/log local0", "log stdout format raw local0", 1)
 	path := filepath.Join(dir, "haproxy.cfg")
 	os.WriteFile(path, []byte(cfg), 0o644)
-	cmd := exec.Command(haproxy, "-db", "-f", path)
-	var out fixture.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-exited
-		}
-		if t.Failed() {
-			t.Logf("haproxy output:\n%s\nconfiguration:\n%s", &out, cfg)
-		}
-	})
+	startDaemon(t, "haproxy with the configuration\n"+cfg+"\n", exec.Command(haproxy, "-db", "-f", path), 10*time.Second)
 	waitFor(t, 10*time.Second, func() error {
 		c, err := net.DialTimeout("unix", sock, time.Second)
 		if err == nil {

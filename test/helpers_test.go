@@ -17,6 +17,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -344,4 +345,38 @@ func assertNoOverlap(t *testing.T, ws []window) {
 			t.Errorf("%s restarted while %s was restarting", ws[i].node, ws[i-1].node)
 		}
 	}
+}
+
+// startDaemon starts cmd in a process group of its own, its output in out,
+// and stops the group with SIGTERM (SIGKILL after grace) when stop is
+// called or the test ends, then logs out if the test failed.
+func startDaemon(t *testing.T, what string, cmd *exec.Cmd, grace time.Duration) (out *fixture.Buffer, stop func()) {
+	t.Helper()
+	out = &fixture.Buffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", what, err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+			select {
+			case <-exited:
+			case <-time.After(grace):
+				syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+				<-exited
+			}
+		})
+	}
+	t.Cleanup(func() {
+		stop()
+		if t.Failed() {
+			t.Logf("%s output:\n%s", what, out)
+		}
+	})
+	return out, stop
 }

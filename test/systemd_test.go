@@ -161,27 +161,7 @@ func TestRealMattermostUnderSystemd(t *testing.T) {
 	const mmtls = "/usr/bin/mmtls" // from the package
 
 	// The unit from Mattermost's documentation.
-	labRun(t, lab, "sh", "-c", `cat > /lib/systemd/system/mattermost.service <<'EOF'
-[Unit]
-Description=Mattermost
-After=network.target
-
-[Service]
-Type=notify
-ExecStart=/opt/mattermost/bin/mattermost
-TimeoutStartSec=3600
-KillMode=mixed
-Restart=always
-RestartSec=10
-WorkingDirectory=/opt/mattermost
-User=mattermost
-Group=mattermost
-LimitNOFILE=49152
-
-[Install]
-WantedBy=multi-user.target
-EOF
-systemctl daemon-reload && systemctl start mattermost`)
+	startMattermostUnit(t, lab, "")
 	waitForReal(t, n, listen)
 
 	// The source pair, where certbot keeps it, and the agent's config.
@@ -322,3 +302,14 @@ var (
 	debPath string
 	debErr  error
 )
+
+// startMattermostUnit installs the unit from Mattermost's documentation in
+// the lab, with extra lines in [Service], and starts it (Type=notify:
+// start returns once Mattermost serves).
+func startMattermostUnit(t *testing.T, lab *systemdlab.Lab, extra string) {
+	t.Helper()
+	unit := "[Unit]\nDescription=Mattermost\nAfter=network.target\n\n[Service]\nType=notify\nExecStart=/opt/mattermost/bin/mattermost\n" + extra +
+		"TimeoutStartSec=3600\nKillMode=mixed\nRestart=always\nRestartSec=10\nWorkingDirectory=/opt/mattermost\nUser=mattermost\nGroup=mattermost\nLimitNOFILE=49152\n\n" +
+		"[Install]\nWantedBy=multi-user.target\n"
+	labRun(t, lab, "sh", "-c", "printf '%s' \"$1\" > /lib/systemd/system/mattermost.service && systemctl daemon-reload && systemctl start mattermost", "sh", unit)
+}

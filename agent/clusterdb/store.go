@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mmtls/mmtls/mmconfig"
+
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 )
@@ -109,6 +111,9 @@ func Open(dsn string, log *slog.Logger) (*Store, error) {
 // Redacted is the DSN without its password, for messages.
 func (s *Store) Redacted() string { return Redact(s.dsn) }
 
+// DSN is the store's data source name (with its password: not for logs).
+func (s *Store) DSN() string { return s.dsn }
+
 // Redact removes the password from a DSN.
 func Redact(dsn string) string {
 	if u, err := url.Parse(dsn); err == nil && u.User != nil {
@@ -129,18 +134,7 @@ func Redact(dsn string) string {
 
 // NormalizeDSN drops the lib/pq-only parameters Mattermost DSNs may carry,
 // which pgx would otherwise send to the server as settings.
-func NormalizeDSN(dsn string) string {
-	u, err := url.Parse(dsn)
-	if err != nil || u.RawQuery == "" {
-		return dsn
-	}
-	q := u.Query()
-	for _, k := range []string{"binary_parameters", "disable_prepared_binary_result"} {
-		q.Del(k)
-	}
-	u.RawQuery = q.Encode()
-	return u.String()
-}
+func NormalizeDSN(dsn string) string { return mmconfig.CleanDSN(dsn) }
 
 // Connect opens a connection, bounded by ctx and connectTimeout whatever
 // the driver does before it looks at ctx.
@@ -218,9 +212,17 @@ var migrations = []string{
 	)`,
 }
 
-// migrateLock serialises migrations across processes ("mmtls", a version
-// byte and 0x02 for migrations).
-const migrateLock int64 = 0x6d6d746c7302
+// The PostgreSQL advisory lock keys of mmtls ("mmtls" and a number), in
+// one place so that they never collide.
+const (
+	// RestartLockKey: every agent of a cluster holds it around its restart.
+	RestartLockKey int64 = 0x6d6d746c7301
+	// migrateLock serialises migrations across processes.
+	migrateLock int64 = 0x6d6d746c7302
+	// OrderLockKey: the balancer hosts hold it around an ACME order and its
+	// publication.
+	OrderLockKey int64 = 0x6d6d746c7303
+)
 
 // Migrate creates or updates mmtls's schema. It is idempotent and safe to
 // run from several hosts at once.

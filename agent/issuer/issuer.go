@@ -177,6 +177,13 @@ type Issuer struct {
 	// HTTPClient talks to the CA; nil means one with a timeout that trusts
 	// Options.CAFile, or the system roots.
 	HTTPClient *http.Client
+	// Published, if set, returns the certificate the cluster has now (nil
+	// if none): one another balancer host ordered, which this host takes
+	// for its schedule instead of ordering again.
+	Published func(ctx context.Context) (*x509.Certificate, error)
+	// Lock, if set, is held around each order and its delivery, so that
+	// of several hosts only one orders at a time.
+	Lock func(ctx context.Context) (release func(), err error)
 }
 
 func (is *Issuer) log() *slog.Logger {
@@ -327,39 +334,55 @@ func RenewAt(leaf *x509.Certificate) time.Time {
 // Run keeps a current certificate: at start when there is none (or it is
 // due), then at each renewal time with some jitter, retrying with backoff
 // on failure (each distinct error logged once). Each new pair goes to
-// deliver; a delivery that fails is retried like an order.
+// deliver; a delivery that fails is retried like an order. A certificate
+// the cluster already has (Published) counts as this host's own for the
+// schedule.
 func (is *Issuer) Run(ctx context.Context, clk clock.Clock, deliver func(ctx context.Context, cert, key string) error, m Observer) error {
 	clk = clock.Or(clk)
 	o := is.Options.WithDefaults()
 	log := is.log()
 	retry := time.Duration(0)
 	lastErr := ""
-	delivered := ""
+	delivered, adopted := "", ""
 	for {
-		wait := time.Duration(0)
+		var wait time.Duration
 		pair, err := is.Current()
 		if err != nil {
 			log.Warn("the stored ACME certificate is unusable; ordering a new one", "err", err)
-			pair = nil
+			pair, err = nil, nil
 		}
+		var leaf *x509.Certificate
 		if pair != nil {
-			at := RenewAt(pair.Leaf())
-			m.nextRenewal(at)
-			fp := certs.Fingerprint(pair.Leaf())
-			if fp != delivered && clk.Now().Before(pair.Leaf().NotAfter) {
+			leaf = pair.Leaf()
+			if fp := certs.Fingerprint(leaf); fp != delivered && clk.Now().Before(leaf.NotAfter) {
 				cert, key := is.Files()
 				if err = deliver(ctx, cert, key); err == nil {
 					delivered = fp
 				}
 			}
-			if err == nil {
-				wait = at.Sub(clk.Now()) + jitter(pair.Leaf())
-			}
 		}
-		if err == nil && wait <= 0 {
-			if _, err = is.Obtain(ctx); err == nil {
-				retry, lastErr = 0, ""
-				continue // deliver it
+		if err == nil {
+			if pub := is.published(ctx); pub != nil && (leaf == nil || pub.NotBefore.After(leaf.NotBefore)) {
+				if fp := certs.Fingerprint(pub); fp != adopted {
+					adopted = fp
+					log.Info("ACME: the cluster's certificate is current; this host orders when it is due", "fingerprint", fp, "renew_at", RenewAt(pub))
+				}
+				leaf = pub
+			}
+			if leaf != nil {
+				at := RenewAt(leaf)
+				m.nextRenewal(at)
+				wait = at.Sub(clk.Now()) + jitter(leaf)
+			}
+			if wait <= 0 {
+				var fp string
+				if fp, err = is.order(ctx, clk, deliver); err == nil {
+					if fp != "" {
+						delivered = fp
+					}
+					retry, lastErr = 0, ""
+					continue
+				}
 			}
 		}
 		if err != nil {
@@ -384,6 +407,49 @@ func (is *Issuer) Run(ctx context.Context, clk clock.Clock, deliver func(ctx con
 		case <-t.C():
 		}
 	}
+}
+
+// order orders and delivers a certificate holding Lock, unless the cluster
+// got one meanwhile (another host held the lock); it returns the delivered
+// leaf's fingerprint, "" when it took the cluster's.
+func (is *Issuer) order(ctx context.Context, clk clock.Clock, deliver func(ctx context.Context, cert, key string) error) (string, error) {
+	if is.Lock != nil {
+		release, err := is.Lock(ctx)
+		if err != nil {
+			return "", fmt.Errorf("the ACME order lock: %w", err)
+		}
+		defer release()
+		if pub := is.published(ctx); pub != nil && RenewAt(pub).After(clk.Now()) {
+			is.log().Info("another balancer host ordered the certificate; taking its schedule", "fingerprint", certs.Fingerprint(pub))
+			return "", nil
+		}
+	}
+	pair, err := is.Obtain(ctx)
+	if err != nil {
+		return "", err
+	}
+	cert, key := is.Files()
+	if err := deliver(ctx, cert, key); err != nil {
+		return "", err
+	}
+	return certs.Fingerprint(pair.Leaf()), nil
+}
+
+// published returns the cluster's certificate if it covers every name.
+func (is *Issuer) published(ctx context.Context) *x509.Certificate {
+	if is.Published == nil {
+		return nil
+	}
+	leaf, err := is.Published(ctx)
+	if err != nil || leaf == nil {
+		return nil
+	}
+	for _, n := range is.Options.Names {
+		if leaf.VerifyHostname(n) != nil {
+			return nil
+		}
+	}
+	return leaf
 }
 
 // jitter spreads renewals of hosts that got their certificate at once:
