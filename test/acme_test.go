@@ -86,37 +86,29 @@ func pemCert(der []byte) []byte {
 
 // The certificate from nothing: the balancer host's agent orders it from
 // the CA (pebble), answering HTTP-01 on its port-80 listener from memory,
-// publishes it, and the nodes roll it out; at two thirds of its (short)
+// publishes it, and the real Mattermost nodes roll it out; at two thirds of its (short)
 // lifetime it is renewed and rolled out again, and through the balancer no
 // connection is refused meanwhile. With the CA gone at renewal time, the
 // current certificate keeps serving and the error is logged once.
 func TestACMEFromNothing(t *testing.T) {
-	// Two stand-in nodes, each on its own loopback address with its agent
-	// answering agent checks on a port they share, so they drain.
-	r := newRollout(t, 0)
-	ips := []string{"127.0.0.2", "127.0.0.3"}
-	agentPort := sharedPort(t, ips)
-	for i, ip := range ips {
-		n := newNode(t)
-		m := &member{name: fmt.Sprintf("node%d", i+1), n: n, addr: net.JoinHostPort(ip, strconv.Itoa(sharedPort(t, []string{ip})))}
-		os.WriteFile(filepath.Join(n.tree.Root, "restart.sh"), []byte(n.tree.StandinCtl(standinBin, "restart")+"\n"), 0o700)
-		m.conf = r.writeConf(m, r.key)
-		f, _ := os.OpenFile(m.conf, os.O_APPEND|os.O_WRONLY, 0)
-		fmt.Fprintf(f, "agent_check = %q\nagent_check_allow = [\"127.0.0.0/8\"]\n", net.JoinHostPort(ip, strconv.Itoa(agentPort)))
-		f.Close()
-		r.nodes = append(r.nodes, m)
+	if testing.Short() {
+		t.Skip("-short: skipping the real Mattermost servers")
 	}
+	// Two real Mattermost 6.7.2 nodes of one cluster, each on its own
+	// loopback address, their agents answering agent checks.
+	dc := newDrainCluster(t)
+	r, agentPort := dc.r, dc.agentPort
 	httpAddr, _ := fixture.PickPort()
 	_, portStr, _ := net.SplitHostPort(httpAddr)
 	httpPort, _ := strconv.Atoi(portStr)
-	const life = 60 * time.Second
+	// Long enough for a rollout over two real nodes (each drains, restarts,
+	// is verified and rejoins) well inside the last third of it.
+	const life = 120 * time.Second
 	pb := startPebble(t, httpPort, life)
 	// The nodes trust pebble's issuance root.
 	roots, _ := os.ReadFile(pb.roots)
 	os.WriteFile(r.roots, roots, 0o644)
-	for _, m := range r.nodes {
-		r.start(m)
-	}
+	dc.start()
 
 	dir := t.TempDir()
 	listen, _ := fixture.PickPort()
@@ -152,7 +144,7 @@ key_file = %q
 
 	// The first certificate, on every node.
 	var first string
-	waitFor(t, 90*time.Second, func() error {
+	waitFor(t, 3*time.Minute, func() error {
 		for _, m := range r.nodes {
 			fp, err := served(m.addr)
 			if err != nil {

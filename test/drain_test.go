@@ -49,9 +49,15 @@ func newDrainCluster(t *testing.T) *drainCluster {
 		fmt.Fprintf(f, "agent_check = %q\nagent_check_allow = [\"127.0.0.0/8\"]\n", net.JoinHostPort(ip, strconv.Itoa(dc.agentPort)))
 		f.Close()
 		r.nodes = append(r.nodes, m)
-		r.start(m)
 	}
 	return dc
+}
+
+// start runs every node's agent.
+func (dc *drainCluster) start() {
+	for _, m := range dc.r.nodes {
+		dc.r.start(m)
+	}
 }
 
 // sharedPort returns a TCP port free on every one of ips.
@@ -291,6 +297,7 @@ func TestDrainRotationRefusesNothing(t *testing.T) {
 		t.Skip("-short: skipping the real Mattermost servers")
 	}
 	dc := newDrainCluster(t)
+	dc.start()
 	dc.rotate(t) // plain HTTP to TLS
 	r := dc.r
 	var upstreams []string
