@@ -15,6 +15,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/mmtls/mmtls/certs"
 	"github.com/mmtls/mmtls/mmconfig"
 )
@@ -352,6 +354,13 @@ func (p *Pusher) prepareDatabase(ctx context.Context, pl *plan) error {
 			return refused(fmt.Errorf("Mattermost keeps its config in the database (%s) and is not run by systemd here: %w; "+
 				"or run Mattermost under systemd, where mmtls enrols the node with a drop-in for this node alone", pl.loc.Origin, err))
 		}
+		// The socket's path comes from a configuration the mattermost user
+		// can change: root talks only to a socket owned by the owner of
+		// Mattermost's directory, as the one Mattermost creates is, never
+		// to another service's.
+		if err := ownedSocket(sock, o.MattermostDir); err != nil {
+			return refused(fmt.Errorf("Mattermost's local-mode socket (ServiceSettings.LocalModeSocketLocation): %w", err))
+		}
 		pl.localMode = sock
 		pl.loc.Path = sock
 		pl.loc.Origin += ", set through Mattermost's local-mode API"
@@ -503,4 +512,23 @@ func CertInfoOf(p *certs.Pair) CertInfo {
 		KeyFingerprint: kfp,
 		ChainLength:    len(p.Chain),
 	}
+}
+
+// ownedSocket checks that path is a Unix socket, not a link, owned by the
+// owner of mattermostDir.
+func ownedSocket(path, mattermostDir string) error {
+	var dir, st unix.Stat_t
+	if err := unix.Stat(mattermostDir, &dir); err != nil {
+		return fmt.Errorf("--mattermost-dir %s: %w", mattermostDir, err)
+	}
+	if err := unix.Lstat(path, &st); err != nil {
+		return fmt.Errorf("%s: %w (is Mattermost running with local mode on?)", path, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return fmt.Errorf("%s is not a socket", path)
+	}
+	if st.Uid != dir.Uid {
+		return fmt.Errorf("%s is owned by uid %d, not by uid %d, the owner of %s: not Mattermost's socket", path, st.Uid, dir.Uid, mattermostDir)
+	}
+	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -287,5 +288,38 @@ func TestPushPlanSaysEveryStep(t *testing.T) {
 	}
 	if !found || res.Restart != "" {
 		t.Errorf("--no-restart to :443: warnings %v, restart %q", res.Warnings, res.Restart)
+	}
+}
+
+// The local-mode socket's path comes from a config the mattermost user can
+// change: a socket that user does not own (another service's), a link or
+// a plain file is refused before anything is sent.
+func TestOwnedSocket(t *testing.T) {
+	dir := t.TempDir()
+	mmDir := filepath.Join(dir, "mattermost")
+	os.Mkdir(mmDir, 0o755)
+	sock := filepath.Join(dir, "mm.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if err := ownedSocket(sock, mmDir); err != nil {
+		t.Errorf("a socket of the directory's owner: %v", err)
+	}
+	os.Chown(mmDir, 4242, 4242)
+	if err := ownedSocket(sock, mmDir); err == nil || !strings.Contains(err.Error(), "not Mattermost's socket") {
+		t.Errorf("another user's socket: %v", err)
+	}
+	os.Chown(mmDir, 0, 0)
+	link := filepath.Join(dir, "link.sock")
+	os.Symlink(sock, link)
+	if err := ownedSocket(link, mmDir); err == nil {
+		t.Error("a link to a socket was accepted")
+	}
+	plain := filepath.Join(dir, "plain")
+	os.WriteFile(plain, nil, 0o600)
+	if err := ownedSocket(plain, mmDir); err == nil {
+		t.Error("a plain file was accepted")
 	}
 }

@@ -89,6 +89,9 @@ func restoreConfig(ctx context.Context, j *journal) error {
 		if err != nil {
 			return fmt.Errorf("config backup: %w", err)
 		}
+		if err := ownedSocket(j.ConfigPath, j.Options.MattermostDir); err != nil {
+			return fmt.Errorf("Mattermost's local-mode socket: %w", err)
+		}
 		return mmconfig.PatchLocal(ctx, j.ConfigPath, old)
 	}
 	if j.ConfigBackup == "" {
