@@ -22,9 +22,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -343,7 +341,7 @@ func abs(p, base string) string {
 }
 
 func (n *node) checkFiles() {
-	uid, gid, err := lookup(n.po.Owner)
+	uid, gid, err := push.LookupOwner(n.po.Owner, n.po.Group)
 	if err != nil {
 		n.add("files", Fail, err.Error(), "pass --owner, the user Mattermost runs as")
 		return
@@ -659,19 +657,6 @@ func ServiceState(unit string) func(ctx context.Context) (bool, string, error) {
 		}
 		return state == "active", state, nil
 	}
-}
-
-// lookup returns the uid and gid of the user Mattermost runs as.
-func lookup(name string) (int, int, error) {
-	u, err := user.Lookup(name)
-	if err != nil {
-		if u, err = user.LookupId(name); err != nil {
-			return 0, 0, fmt.Errorf("--owner %q: no such user", name)
-		}
-	}
-	uid, _ := strconv.Atoi(u.Uid)
-	gid, _ := strconv.Atoi(u.Gid)
-	return uid, gid, nil
 }
 
 // checkACME looks at what [acme] keeps: the account and the current pair,

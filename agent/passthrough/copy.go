@@ -23,9 +23,11 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b 
 // across, or until neither direction has moved a byte for idle; then it
 // calls done with what moved and why it ended. It returns at once and
 // closes neither connection. toUp and toClient count the bytes forwarded
-// each way (the upstream's totals).
-func forward(client, upstream net.Conn, idle time.Duration, toUp, toClient *atomic.Int64, done func(copied)) {
+// each way (the upstream's totals); sent is what the client had sent
+// before (the replayed ClientHello), counted in the connection's bytes.
+func forward(client, upstream net.Conn, idle time.Duration, toUp, toClient *atomic.Int64, sent int64, done func(copied)) {
 	h := &halves{done: done}
+	h.out.bytes[fromClient] = sent
 	h.last.Store(time.Now().UnixNano())
 	h.left.Store(2)
 	go copyHalf(upstream, client, idle, h, toUp, fromClient)

@@ -185,10 +185,7 @@ func (b *Balancer) handle(client net.Conn) {
 		}
 		u.toUpstream.Add(int64(len(hello)))
 	}
-	forward(c.client, up, cfg.idleTimeout(), &u.toUpstream, &u.toClient, func(out copied) {
-		out.bytes[fromClient] += int64(len(hello))
-		finish(out)
-	})
+	forward(c.client, up, cfg.idleTimeout(), &u.toUpstream, &u.toClient, int64(len(hello)), finish)
 }
 
 // logClosed writes the one line of a connection that reached a node: who,

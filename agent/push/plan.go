@@ -456,6 +456,10 @@ func pruneBackups(root string, keep int) {
 	}
 }
 
+// LookupOwner returns the uid and gid of owner (a name or a number) and,
+// if given, of group: the user Mattermost runs as.
+func LookupOwner(owner, group string) (int, int, error) { return lookupOwner(owner, group) }
+
 func lookupOwner(owner, group string) (int, int, error) {
 	u, err := user.Lookup(owner)
 	if err != nil {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/mmtls/mmtls/agent"
 	"github.com/mmtls/mmtls/agent/doctor"
+	"github.com/mmtls/mmtls/agent/push"
 )
 
 // errDoctorFailed is doctor's exit 1: a check failed (the checks said why).
@@ -74,10 +75,10 @@ Exit codes: 0 nothing failed (warnings alone: 0), 1 a check failed, 2 usage.`,
 					o.ACME = &acme
 				}
 				if o.Balancer == "" && len(c.Balance.Listen) > 0 {
-					o.Balancer = dialable(c.Balance.Listen[0])
+					o.Balancer = push.DialAddr(c.Balance.Listen[0])
 				}
 				if o.HTTPRedirect == "" && c.Balance.RedirectHTTP != "" {
-					o.HTTPRedirect = dialable(c.Balance.RedirectHTTP)
+					o.HTTPRedirect = push.DialAddr(c.Balance.RedirectHTTP)
 				}
 			}
 			checks := doctor.Run(cmd.Context(), o)
@@ -106,14 +107,6 @@ Exit codes: 0 nothing failed (warnings alone: 0), 1 a check failed, 2 usage.`,
 	f.StringVar(&httpAddr, "http-redirect", "", "where plain HTTP for SiteURL's host is answered, HOST:PORT: it must redirect to https")
 	f.BoolVar(&asJSON, "json", false, `print {"checks": [{"id", "status", "message", "fix"}]}`)
 	return cmd
-}
-
-// dialable turns a listen address into one to connect to.
-func dialable(listen string) string {
-	if strings.HasPrefix(listen, ":") {
-		return "127.0.0.1" + listen
-	}
-	return listen
 }
 
 func clusterSummary(st *statusJSON) string {
