@@ -54,9 +54,9 @@ func (cl *client) open(ctx context.Context, src int, cmd byte) (net.Conn, error)
 	return c, nil
 }
 
-// throughput returns MB/s summed over streams, downloading ('D') or
-// uploading ('U').
-func (cl *client) throughput(cmd byte, streams int, d time.Duration) (float64, error) {
+// throughput returns the bytes moved over streams in d, downloading ('D')
+// or uploading ('U').
+func (cl *client) throughput(cmd byte, streams int, d time.Duration) (int64, error) {
 	var total atomic.Int64
 	var wg sync.WaitGroup
 	errc := make(chan error, streams)
@@ -93,12 +93,12 @@ func (cl *client) throughput(cmd byte, streams int, d time.Duration) (float64, e
 		return 0, err
 	default:
 	}
-	return float64(total.Load()) / d.Seconds() / 1e6, nil
+	return total.Load(), nil
 }
 
-// connRate returns connections per second, each with a 16-byte request
-// and reply.
-func (cl *client) connRate(workers int, d time.Duration) (float64, error) {
+// connRate returns the connections made in d, each with a 16-byte
+// request and reply.
+func (cl *client) connRate(workers int, d time.Duration) (int64, error) {
 	var count, fails atomic.Int64
 	var wg sync.WaitGroup
 	deadline := time.Now().Add(d)
@@ -127,7 +127,7 @@ func (cl *client) connRate(workers int, d time.Duration) (float64, error) {
 	if count.Load() == 0 {
 		return 0, fmt.Errorf("no connection completed (%d failed)", fails.Load())
 	}
-	return float64(count.Load()) / d.Seconds(), nil
+	return count.Load(), nil
 }
 
 // rtt returns the p50 and p99 of a 64-byte round trip, in microseconds.
@@ -167,7 +167,11 @@ func (cl *client) idleConns(n int) (close func(), err error) {
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, 32)
 	var firstErr error
+	var failed atomic.Bool // stop opening at the first failure
 	for i := range n {
+		if failed.Load() {
+			break
+		}
 		wg.Add(1)
 		sem <- struct{}{}
 		go func() {
@@ -185,6 +189,7 @@ func (cl *client) idleConns(n int) (close func(), err error) {
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
+				failed.Store(true)
 				if firstErr == nil {
 					firstErr = err
 				}
@@ -220,6 +225,33 @@ func snapshot(pids []int) memSnapshot {
 	}
 	s.sunreclaim = meminfo("SUnreclaim:")
 	return s
+}
+
+// clockTick is the unit of utime and stime in /proc/PID/stat (USER_HZ,
+// 100 on every Linux this runs on).
+const clockTick = 10 * time.Millisecond
+
+// cpuTime is the CPU time, user and system, the processes have used so
+// far, all their threads included.
+func cpuTime(pids []int) time.Duration {
+	var t time.Duration
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		// The command name, in parentheses, may hold spaces: count the
+		// fields after its closing parenthesis (utime and stime are the
+		// 14th and 15th of the line).
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+		if len(f) < 13 {
+			continue
+		}
+		u, _ := strconv.ParseInt(f[11], 10, 64)
+		s, _ := strconv.ParseInt(f[12], 10, 64)
+		t += time.Duration(u+s) * clockTick
+	}
+	return t
 }
 
 func statusField(pid int, key string) int64 {

@@ -11,7 +11,9 @@ import (
 	"runtime"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/mmtls/mmtls/test/pki"
@@ -27,6 +29,22 @@ func run(ctx context.Context) error {
 	}
 	if err := ensureTools(ctx); err != nil {
 		return err
+	}
+	// n proxied connections are 2n descriptors in one proxy process:
+	// the proxies are started with the soft limit at the hard one, and
+	// an idle count they could not hold is refused here, not measured.
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return fmt.Errorf("descriptor limit: %w", err)
+	}
+	lim.Cur = lim.Max
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return fmt.Errorf("raise the descriptor limit: %w", err)
+	}
+	for _, n := range idleCounts() {
+		if uint64(2*n+100) > lim.Max {
+			return fmt.Errorf("-idle %d: a proxy needs %d descriptors, the hard limit here is %d", n, 2*n+100, lim.Max)
+		}
 	}
 	dir, err := os.MkdirTemp("", "mmtls-harness-")
 	if err != nil {
@@ -76,8 +94,16 @@ func run(ctx context.Context) error {
 			backends = append(backends, addr)
 		}
 		targets := []target{{name: "direct", direct: true}, mmtlsTarget(bin, backends, dir), nginxTarget(backends, dir), haproxyTarget(backends, dir)}
+		if !tlsMode {
+			// The naive proxy does not look at the ClientHello: its
+			// figures are raw TCP's.
+			targets = append(targets, naiveTarget(self, backends))
+		}
 		if *only != "" {
 			targets = slices.DeleteFunc(targets, func(t target) bool { return !strings.Contains(*only, t.name) })
+		}
+		if len(targets) == 0 {
+			continue
 		}
 		results[mode] = map[string]figures{}
 		for rep := range *reps {
@@ -125,38 +151,61 @@ func measure(t target, tlsMode bool, backends []string, roots *x509.CertPool) (s
 		pids, conf = p, c
 	}
 	// Memory first, on the freshly started proxy.
-	runtime.GC()
-	before := snapshot(pids())
-	closeIdle, err := cl.idleConns(*idle)
-	if err != nil {
-		return nil, "", fmt.Errorf("idle connections: %w", err)
+	for _, n := range idleCounts() {
+		runtime.GC()
+		before := snapshot(pids())
+		closeIdle, err := cl.idleConns(n)
+		if err != nil {
+			// A proxy that cannot hold n connections (the naive one runs
+			// out of descriptors: six per connection) has no figure.
+			fmt.Fprintf(os.Stderr, "%s: %d idle connections: %v\n", t.name, n, err)
+			time.Sleep(time.Second)
+			continue
+		}
+		time.Sleep(time.Second)
+		after := snapshot(pids())
+		closeIdle()
+		k := strconv.Itoa(n)
+		f["rss_kib_"+k] = float64(after.rssKiB-before.rssKiB) / float64(n)
+		f["kernel_kib_"+k] = float64(after.sunreclaim-before.sunreclaim) / float64(n)
+		f["fds_"+k] = float64(after.fds-before.fds) / float64(n)
+		time.Sleep(500 * time.Millisecond) // let the closes settle
 	}
-	time.Sleep(time.Second)
-	after := snapshot(pids())
-	closeIdle()
-	n := float64(*idle)
-	f["rss_kib"] = float64(after.rssKiB-before.rssKiB) / n
-	f["kernel_kib"] = float64(after.sunreclaim-before.sunreclaim) / n
-	f["fds"] = float64(after.fds-before.fds) / n
-	time.Sleep(500 * time.Millisecond) // let the closes settle
 
-	down, err := cl.throughput('D', 4, *dur)
-	if err != nil {
-		return nil, "", fmt.Errorf("download: %w", err)
+	// CPU is read around each phase; the direct target has no proxy.
+	phase := func(name string, do func() (int64, error)) (int64, time.Duration, error) {
+		c0 := cpuTime(pids())
+		n, err := do()
+		if err != nil {
+			return 0, 0, fmt.Errorf("%s: %w", name, err)
+		}
+		return n, cpuTime(pids()) - c0, nil
 	}
-	up, err := cl.throughput('U', 4, *dur)
+	down, downCPU, err := phase("download", func() (int64, error) { return cl.throughput('D', 4, *dur) })
 	if err != nil {
-		return nil, "", fmt.Errorf("upload: %w", err)
+		return nil, "", err
 	}
-	rate, err := cl.connRate(8, *dur)
+	up, upCPU, err := phase("upload", func() (int64, error) { return cl.throughput('U', 4, *dur) })
 	if err != nil {
-		return nil, "", fmt.Errorf("connections: %w", err)
+		return nil, "", err
+	}
+	conns, connCPU, err := phase("connections", func() (int64, error) { return cl.connRate(8, *dur) })
+	if err != nil {
+		return nil, "", err
 	}
 	p50, p99, err := cl.rtt(2000)
 	if err != nil {
 		return nil, "", fmt.Errorf("round trips: %w", err)
 	}
-	f["down_mbs"], f["up_mbs"], f["conns_s"], f["rtt_p50_us"], f["rtt_p99_us"] = down, up, rate, p50, p99
+	secs := dur.Seconds()
+	f["down_mbs"], f["up_mbs"], f["conns_s"] = float64(down)/secs/1e6, float64(up)/secs/1e6, float64(conns)/secs
+	f["rtt_p50_us"], f["rtt_p99_us"] = p50, p99
+	if !t.direct {
+		const gib = 1 << 30
+		f["cpu_down_s_gib"] = downCPU.Seconds() / (float64(down) / gib)
+		f["cpu_up_s_gib"] = upCPU.Seconds() / (float64(up) / gib)
+		f["cpu_conn_us"] = float64(connCPU.Microseconds()) / float64(conns)
+	}
 	return f, conf, nil
 }
 
@@ -185,6 +234,17 @@ func ensureTools(ctx context.Context) error {
 	return nil
 }
 
+// idleCounts is the -idle flag's list.
+func idleCounts() []int {
+	var out []int
+	for _, f := range strings.Split(*idle, ",") {
+		if n, err := strconv.Atoi(strings.TrimSpace(f)); err == nil && n > 0 {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
 func stats(v []float64) (med, lo, hi float64) {
 	s := slices.Clone(v)
 	sort.Float64s(s)
@@ -194,24 +254,31 @@ func stats(v []float64) (med, lo, hi float64) {
 func report(results map[string]map[string]figures, configs map[string]string, took time.Duration) {
 	host, _ := os.Hostname()
 	_ = host
-	fmt.Printf("mmtls balance side by side, %s, %d cores, Go %s, %d repetitions, %s each, %d idle connections; run took %s\n\n",
+	fmt.Printf("mmtls balance side by side, %s, %d cores, Go %s, %d repetitions, %s each, %s idle connections; run took %s\n\n",
 		time.Now().UTC().Format("2006-01-02"), runtime.NumCPU(), runtime.Version(), *reps, *dur, *idle, took.Round(time.Second))
 	metrics := []struct{ key, label, unit string }{
 		{"down_mbs", "throughput to client", "MB/s"},
 		{"up_mbs", "throughput to upstream", "MB/s"},
+		{"cpu_down_s_gib", "proxy CPU per GiB to client", "s"},
+		{"cpu_up_s_gib", "proxy CPU per GiB to upstream", "s"},
 		{"conns_s", "new connections", "/s"},
+		{"cpu_conn_us", "proxy CPU per new connection", "µs"},
 		{"rtt_p50_us", "64 B round trip p50", "µs"},
 		{"rtt_p99_us", "64 B round trip p99", "µs"},
-		{"rss_kib", "RSS per idle connection", "KiB"},
-		{"kernel_kib", "kernel (SUnreclaim) per idle connection", "KiB"},
-		{"fds", "descriptors per idle connection", ""},
+	}
+	for _, n := range idleCounts() {
+		k := strconv.Itoa(n)
+		metrics = append(metrics,
+			struct{ key, label, unit string }{"rss_kib_" + k, "RSS per idle connection at " + k, "KiB"},
+			struct{ key, label, unit string }{"kernel_kib_" + k, "kernel (SUnreclaim) per idle connection at " + k, "KiB"},
+			struct{ key, label, unit string }{"fds_" + k, "descriptors per idle connection at " + k, ""})
 	}
 	for _, mode := range []string{"raw TCP", "TLS"} {
 		r := results[mode]
 		if r == nil {
 			continue
 		}
-		names := []string{"direct", "mmtls", "nginx", "haproxy"}
+		names := slices.DeleteFunc([]string{"direct", "mmtls", "nginx", "haproxy", "naive"}, func(n string) bool { return r[n] == nil })
 		fmt.Printf("### %s (median, min-max; ratio to direct where it applies)\n\n| figure | %s |\n|---|%s\n", mode, strings.Join(names, " | "), strings.Repeat("---|", len(names)))
 		for _, m := range metrics {
 			row := []string{m.label + " (" + m.unit + ")"}
@@ -229,14 +296,18 @@ func report(results map[string]map[string]figures, configs map[string]string, to
 					continue
 				}
 				med, lo, hi := stats(v)
-				cell := fmt.Sprintf("%.1f (%.1f-%.1f)", med, lo, hi)
+				format := "%.1f (%.1f-%.1f)"
+				if strings.HasPrefix(m.key, "cpu_") && strings.HasSuffix(m.key, "gib") {
+					format = "%.2f (%.2f-%.2f)"
+				}
+				cell := fmt.Sprintf(format, med, lo, hi)
 				if (m.key == "down_mbs" || m.key == "up_mbs" || m.key == "conns_s") && n != "direct" && dmed > 0 {
 					cell += fmt.Sprintf(" = %.2fx", med/dmed)
 				}
 				if (m.key == "rtt_p99_us" || m.key == "rtt_p50_us") && n != "direct" && dmed > 0 {
 					cell += fmt.Sprintf(" = %.2fx", med/dmed)
 				}
-				if m.key == "kernel_kib" && n != "direct" {
+				if strings.HasPrefix(m.key, "kernel_kib") && n != "direct" {
 					cell += fmt.Sprintf(" (%.1f beyond direct)", med-dmed)
 				}
 				row = append(row, cell)

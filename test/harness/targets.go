@@ -119,7 +119,7 @@ worker_processes auto;
 worker_rlimit_nofile 20000;
 pid %s/nginx.pid;
 error_log %s/nginx-error.log error;
-events { worker_connections 9000; }
+events { worker_connections 20000; }
 stream {
     upstream mm {
         hash $remote_addr consistent;
@@ -149,7 +149,7 @@ func haproxyTarget(backends []string, dir string) target {
 			inspect = "    tcp-request inspect-delay 5s\n    tcp-request content accept if { req_ssl_hello_type 1 }\n"
 		}
 		conf := fmt.Sprintf(`global
-    maxconn 9000
+    maxconn 9950
 defaults
     mode tcp
     timeout connect 5s
@@ -202,4 +202,17 @@ func startBackend(self string, certFile, keyFile string) (string, *proc, error) 
 		return "", nil, err
 	}
 	return strings.TrimSpace(line), &proc{cmd: cmd}, nil
+}
+
+// naiveTarget is the harness's own naive Go proxy (see naiveMain).
+func naiveTarget(self string, backends []string) target {
+	return target{name: "naive", start: func(bool) (string, func() []int, func(), string, error) {
+		addr := freePort()
+		args := []string{"naive", "--listen", addr}
+		for _, b := range backends {
+			args = append(args, "--upstream", b)
+		}
+		pids, stop, err := startGroup(addr, self, args...)
+		return addr, pids, stop, "harness " + strings.Join(args, " "), err
+	}}
 }
