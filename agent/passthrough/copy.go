@@ -83,31 +83,55 @@ var (
 // copyHalf copies src to dst. While src is idle it holds no buffer: it
 // waits for readability through the descriptor, and a buffer is borrowed
 // from the pool only for the read that finds data (and given back when the
-// read would block). At src's EOF it half-closes dst. If neither direction
+// read would block). A read that fills the whole buffer starts bulk: the
+// direction then splices through a borrowed pipe (spliceReady) as long as
+// each wake-up finds at least a buffer's worth, and goes back to buffers
+// when less comes. At src's EOF it half-closes dst. If neither direction
 // has moved for idle, it closes both to end the other half too.
 func copyHalf(dst, src net.Conn, idle time.Duration, h *halves, count *atomic.Int64, dir int) {
 	reason := ""
 	defer func() { h.end(dir, reason) }()
 	last := &h.last
-	rc := rawConn(src)
+	rc, rcDst := rawConn(src), rawConn(dst)
+	canSplice := rc != nil && rcDst != nil
+	bulk := false
 	for {
 		src.SetReadDeadline(time.Unix(0, last.Load()).Add(idle))
-		bp, n, err := readReady(src, rc)
+		var (
+			n         int
+			err, werr error
+		)
+		if bulk {
+			var ok bool
+			n, err, werr, ok = spliceReady(rcDst, rc)
+			if !ok {
+				bulk = false
+				continue
+			}
+			bulk = n >= bufSize
+		} else {
+			var bp *[]byte
+			bp, n, err = readReady(src, rc)
+			if n > 0 {
+				full := n == len(*bp)
+				n, werr = dst.Write((*bp)[:n])
+				bulk = canSplice && full && werr == nil
+			}
+			if bp != nil {
+				bufPool.Put(bp)
+			}
+		}
 		if n > 0 {
 			last.Store(time.Now().UnixNano())
-			_, werr := dst.Write((*bp)[:n])
-			bufPool.Put(bp)
-			if werr != nil {
-				if !errors.Is(werr, net.ErrClosed) {
-					reason = writeFail[dir]
-				}
-				src.Close()
-				return
-			}
 			count.Add(int64(n))
 			h.out.bytes[dir] += int64(n)
-		} else if bp != nil {
-			bufPool.Put(bp)
+		}
+		if werr != nil {
+			if !errors.Is(werr, net.ErrClosed) {
+				reason = writeFail[dir]
+			}
+			src.Close()
+			return
 		}
 		switch {
 		case err == nil:
