@@ -28,32 +28,24 @@ func bulkBackend(t *testing.T, size int) (addr string, got <-chan [32]byte) {
 			return
 		}
 		defer c.Close()
+		wrote := make(chan struct{})
 		go func() {
+			defer close(wrote)
 			io.Copy(c, io.LimitReader(randomBytes(2), int64(size)))
 			c.(*net.TCPConn).CloseWrite()
 		}()
 		h := sha256.New()
 		io.Copy(h, c)
 		ch <- [32]byte(h.Sum(nil))
+		<-wrote // closing before would cut what is still to be sent
 	}()
 	return ln.Addr().String(), ch
 }
 
-// randomBytes is a reproducible stream.
-func randomBytes(seed uint64) io.Reader {
-	return readerFunc(func(p []byte) (int, error) {
-		r := rand.New(rand.NewPCG(seed, uint64(len(p))))
-		for i := range p {
-			p[i] = byte(r.Uint32())
-		}
-		seed++
-		return len(p), nil
-	})
+// randomBytes is a reproducible stream: the same bytes however it is read.
+func randomBytes(seed byte) io.Reader {
+	return rand.NewChaCha8([32]byte{seed})
 }
-
-type readerFunc func([]byte) (int, error)
-
-func (f readerFunc) Read(p []byte) (int, error) { return f(p) }
 
 func digest(r io.Reader, n int) [32]byte {
 	h := sha256.New()
