@@ -81,6 +81,7 @@ func run(ctx context.Context) error {
 			mode = "TLS"
 		}
 		var backends []string
+		var backendPIDs []int
 		for range 2 {
 			cf, kf := "", ""
 			if tlsMode {
@@ -92,6 +93,7 @@ func run(ctx context.Context) error {
 			}
 			defer p.stop()
 			backends = append(backends, addr)
+			backendPIDs = append(backendPIDs, p.cmd.Process.Pid)
 		}
 		targets := []target{{name: "direct", direct: true}, mmtlsTarget(bin, backends, dir), nginxTarget(backends, dir), haproxyTarget(backends, dir)}
 		if !tlsMode {
@@ -112,7 +114,7 @@ func run(ctx context.Context) error {
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
-				f, conf, err := measure(t, tlsMode, backends, roots)
+				f, conf, err := measure(t, tlsMode, backends, backendPIDs, roots)
 				if err != nil {
 					return fmt.Errorf("%s, %s: %w", mode, t.name, err)
 				}
@@ -134,7 +136,7 @@ func run(ctx context.Context) error {
 	return nil
 }
 
-func measure(t target, tlsMode bool, backends []string, roots *x509.CertPool) (sample, string, error) {
+func measure(t target, tlsMode bool, backends []string, backendPIDs []int, roots *x509.CertPool) (sample, string, error) {
 	f := sample{}
 	cl := &client{roots: roots, tlsMode: tlsMode}
 	pids := func() []int { return nil }
@@ -172,14 +174,20 @@ func measure(t target, tlsMode bool, backends []string, roots *x509.CertPool) (s
 		time.Sleep(500 * time.Millisecond) // let the closes settle
 	}
 
-	// CPU is read around each phase; the direct target has no proxy.
+	// CPU is read around each phase: the proxy's, and for the direct
+	// target the nodes' own (a sender's or receiver's cost per GiB, the
+	// reference for what a proxy, which both receives and sends, adds).
+	cpuPIDs := pids
+	if t.direct {
+		cpuPIDs = func() []int { return backendPIDs }
+	}
 	phase := func(name string, do func() (int64, error)) (int64, time.Duration, error) {
-		c0 := cpuTime(pids())
+		c0 := cpuTime(cpuPIDs())
 		n, err := do()
 		if err != nil {
 			return 0, 0, fmt.Errorf("%s: %w", name, err)
 		}
-		return n, cpuTime(pids()) - c0, nil
+		return n, cpuTime(cpuPIDs()) - c0, nil
 	}
 	down, downCPU, err := phase("download", func() (int64, error) { return cl.throughput('D', 4, *dur) })
 	if err != nil {
@@ -200,10 +208,10 @@ func measure(t target, tlsMode bool, backends []string, roots *x509.CertPool) (s
 	secs := dur.Seconds()
 	f["down_mbs"], f["up_mbs"], f["conns_s"] = float64(down)/secs/1e6, float64(up)/secs/1e6, float64(conns)/secs
 	f["rtt_p50_us"], f["rtt_p99_us"] = p50, p99
+	const gib = 1 << 30
+	f["cpu_down_s_gib"] = downCPU.Seconds() / (float64(down) / gib)
+	f["cpu_up_s_gib"] = upCPU.Seconds() / (float64(up) / gib)
 	if !t.direct {
-		const gib = 1 << 30
-		f["cpu_down_s_gib"] = downCPU.Seconds() / (float64(down) / gib)
-		f["cpu_up_s_gib"] = upCPU.Seconds() / (float64(up) / gib)
 		f["cpu_conn_us"] = float64(connCPU.Microseconds()) / float64(conns)
 	}
 	return f, conf, nil
@@ -259,8 +267,8 @@ func report(results map[string]map[string]figures, configs map[string]string, to
 	metrics := []struct{ key, label, unit string }{
 		{"down_mbs", "throughput to client", "MB/s"},
 		{"up_mbs", "throughput to upstream", "MB/s"},
-		{"cpu_down_s_gib", "proxy CPU per GiB to client", "s"},
-		{"cpu_up_s_gib", "proxy CPU per GiB to upstream", "s"},
+		{"cpu_down_s_gib", "proxy CPU per GiB to client (direct: the sending node's)", "s"},
+		{"cpu_up_s_gib", "proxy CPU per GiB to upstream (direct: the receiving node's)", "s"},
 		{"conns_s", "new connections", "/s"},
 		{"cpu_conn_us", "proxy CPU per new connection", "µs"},
 		{"rtt_p50_us", "64 B round trip p50", "µs"},
