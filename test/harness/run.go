@@ -164,7 +164,7 @@ func measure(t target, tlsMode bool, backends []string, backendPIDs []int, roots
 			time.Sleep(time.Second)
 			continue
 		}
-		time.Sleep(time.Second)
+		time.Sleep(*settle)
 		after := snapshot(pids())
 		closeIdle()
 		k := strconv.Itoa(n)
