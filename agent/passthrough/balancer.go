@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -73,6 +74,8 @@ type Balancer struct {
 	// onlyDrained is set while connections go to draining nodes because
 	// no other is live (logged when it starts and ends).
 	onlyDrained bool
+	// byName is set when an upstream is a host name, not an address.
+	byName bool
 }
 
 // New checks cfg and returns a Balancer; active health checks, if any,
@@ -135,6 +138,12 @@ func (b *Balancer) apply(cfg Config) {
 		weights = append(weights, cu.Weight)
 	}
 	b.cfg, b.ups, b.ring = cfg, ups, NewRing(names, weights)
+	b.byName = false
+	for _, u := range ups {
+		if _, err := netip.ParseAddrPort(u.Addr); err != nil {
+			b.byName = true
+		}
+	}
 	if b.health != nil {
 		b.health()
 		b.health = nil
@@ -191,6 +200,9 @@ type picker struct {
 	pos   int // position on the ring, for MethodHash
 	tries int // ring steps taken
 	tried map[*upstream]bool
+	// budget is the upstreams still to try (the loops' count; connect
+	// keeps its own).
+	budget int
 }
 
 func (b *Balancer) newPicker(key string) *picker {

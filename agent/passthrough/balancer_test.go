@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -358,4 +359,99 @@ func TestControlSocket(t *testing.T) {
 	if _, err := Control(ctx, path, ControlRequest{Command: "reboot"}); err == nil {
 		t.Error("unknown command accepted")
 	}
+}
+
+// At MaxConns, the next connection waits (in the kernel's queue) until
+// one ends, then is served.
+func TestMaxConns(t *testing.T) {
+	a := newBackend(t, "a")
+	cfg := raw(a)
+	cfg.MaxConns = 2
+	b, addr := start(t, cfg)
+	first := dialFrom(t, "127.0.0.1", addr)
+	defer first.Close()
+	second := dialFrom(t, "127.0.0.1", addr)
+	defer second.Close()
+	for _, c := range []net.Conn{first, second} {
+		if g := greeting(t, c); g != "a" {
+			t.Fatalf("greeting %q", g)
+		}
+	}
+	third := dialFrom(t, "127.0.0.1", addr)
+	defer third.Close()
+	third.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if _, err := third.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("a third connection at MaxConns 2 was served or closed: %v", err)
+	}
+	if n := b.ActiveConns(); n != 2 {
+		t.Errorf("%d connections, want 2", n)
+	}
+	first.Close()
+	if g := greeting(t, third); g != "a" {
+		t.Fatalf("greeting after a slot freed: %q", g)
+	}
+}
+
+// An upstream given by host name is dialled through Go's resolver.
+func TestUpstreamByName(t *testing.T) {
+	a := newBackend(t, "a")
+	_, port, _ := net.SplitHostPort(a.addr())
+	_, addr := start(t, Config{DisableSNIPeek: true, Upstreams: []Upstream{{Addr: "localhost:" + port}}})
+	c := dialFrom(t, "127.0.0.1", addr)
+	defer c.Close()
+	if g := greeting(t, c); g != "a" {
+		t.Fatalf("greeting %q", g)
+	}
+	io.WriteString(c, "ping\n")
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil || line != "ping\n" {
+		t.Fatalf("echo %q, %v", line, err)
+	}
+}
+
+// An upstream that never answers the connect (its accept queue full, so
+// the kernel drops the SYN) is given up at ConnectTimeout and the next
+// one is tried.
+func TestConnectTimeoutTriesNext(t *testing.T) {
+	full := fullListener(t)
+	b := newBackend(t, "b")
+	cfg := Config{DisableSNIPeek: true, ConnectTimeout: 200 * time.Millisecond,
+		Upstreams: []Upstream{{Addr: full}, {Addr: b.addr()}}}
+	bal, addr := start(t, cfg)
+	for i := 1; i <= 6; i++ {
+		c := dialFrom(t, "127.0.0."+itoa(i), addr)
+		if got := greeting(t, c); got != "b" {
+			t.Errorf("connection %d went to %s", i, got)
+		}
+		c.Close()
+	}
+	if s := bal.Status()[0]; !s.PassiveDown {
+		t.Errorf("the upstream that never answered is not marked down: %+v", s)
+	}
+}
+
+// fullListener listens with a backlog of one and never accepts; once two
+// connections wait in it, further SYNs are dropped.
+func fullListener(t *testing.T) string {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, _ := syscall.Getsockname(fd)
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(sa.(*syscall.SockaddrInet4).Port))
+	for range 3 {
+		d := net.Dialer{Timeout: 100 * time.Millisecond}
+		if c, err := d.Dial("tcp", addr); err == nil {
+			t.Cleanup(func() { c.Close() })
+		}
+	}
+	return addr
 }

@@ -19,39 +19,13 @@ var errNotTLS = errors.New("not a TLS handshake")
 // to the upstream, unchanged) and the server name, "" when none was sent.
 func peekClientHello(c net.Conn) ([]byte, string, error) {
 	buf := make([]byte, 0, 2048)
-	var hs []byte // the handshake message so far, records unwrapped
-	off := 0      // start of the next record in buf
 	for {
-		// A whole record header and body in buf?
-		for len(buf)-off >= 5 {
-			if buf[off] != 0x16 {
-				return nil, "", errNotTLS
-			}
-			n := int(binary.BigEndian.Uint16(buf[off+3 : off+5]))
-			if buf[off+1] != 3 || n == 0 || n > 1<<14+2048 {
-				return nil, "", errNotTLS
-			}
-			if len(buf)-off < 5+n {
-				break
-			}
-			hs = append(hs, buf[off+5:off+5+n]...)
-			off += 5 + n
-			if len(hs) >= 4 {
-				if hs[0] != 1 {
-					return nil, "", fmt.Errorf("%w: first handshake message is type %d", errNotTLS, hs[0])
-				}
-				mlen := int(hs[1])<<16 | int(hs[2])<<8 | int(hs[3])
-				if mlen > maxHello {
-					return nil, "", fmt.Errorf("%w: ClientHello of %d bytes", errNotTLS, mlen)
-				}
-				if len(hs) >= 4+mlen {
-					sni, err := serverName(hs[4 : 4+mlen])
-					return buf, sni, err
-				}
-			}
+		done, sni, err := helloIn(buf)
+		if err != nil {
+			return nil, "", err
 		}
-		if len(buf) >= maxHello {
-			return nil, "", fmt.Errorf("%w: no complete ClientHello in %d bytes", errNotTLS, len(buf))
+		if done {
+			return buf, sni, nil
 		}
 		if cap(buf)-len(buf) < 1024 {
 			nb := make([]byte, len(buf), 2*cap(buf))
@@ -69,6 +43,45 @@ func peekClientHello(c net.Conn) ([]byte, string, error) {
 			}
 		}
 	}
+}
+
+// helloIn reports whether buf, the first bytes of a connection, holds a
+// whole ClientHello (across TLS records), and its server name; an error
+// when it cannot be the start of one, or none ends within maxHello.
+func helloIn(buf []byte) (done bool, sni string, err error) {
+	var hs []byte // the handshake message so far, records unwrapped
+	off := 0      // start of the next record in buf
+	for len(buf)-off >= 5 {
+		if buf[off] != 0x16 {
+			return false, "", errNotTLS
+		}
+		n := int(binary.BigEndian.Uint16(buf[off+3 : off+5]))
+		if buf[off+1] != 3 || n == 0 || n > 1<<14+2048 {
+			return false, "", errNotTLS
+		}
+		if len(buf)-off < 5+n {
+			break
+		}
+		hs = append(hs, buf[off+5:off+5+n]...)
+		off += 5 + n
+		if len(hs) >= 4 {
+			if hs[0] != 1 {
+				return false, "", fmt.Errorf("%w: first handshake message is type %d", errNotTLS, hs[0])
+			}
+			mlen := int(hs[1])<<16 | int(hs[2])<<8 | int(hs[3])
+			if mlen > maxHello {
+				return false, "", fmt.Errorf("%w: ClientHello of %d bytes", errNotTLS, mlen)
+			}
+			if len(hs) >= 4+mlen {
+				sni, err := serverName(hs[4 : 4+mlen])
+				return err == nil, sni, err
+			}
+		}
+	}
+	if len(buf) >= maxHello {
+		return false, "", fmt.Errorf("%w: no complete ClientHello in %d bytes", errNotTLS, len(buf))
+	}
+	return false, "", nil
 }
 
 // serverName parses a ClientHello body and returns its server_name.

@@ -11,11 +11,21 @@ import (
 	"time"
 )
 
+// goroutinesOnly turns the event loops off: every listener is then
+// served by a goroutine per direction (the tests run both ways).
+var goroutinesOnly = false
+
 // Serve accepts connections on ln and forwards them until Shutdown (then
 // it returns ErrClosed) or ctx is cancelled. It owns ln and closes it. At
 // MaxConns, or when accepting fails for lack of file descriptors, it pauses
 // with backoff instead of spinning.
 func (b *Balancer) Serve(ctx context.Context, ln net.Listener) error {
+	var ll *loopListener
+	if tl, ok := ln.(*net.TCPListener); ok && !goroutinesOnly && startLoops() == nil {
+		if l, err := newLoopListener(tl); err == nil {
+			ll, ln = l, l
+		}
+	}
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -33,6 +43,12 @@ func (b *Balancer) Serve(ctx context.Context, ln net.Listener) error {
 		ln.Close()
 	}()
 
+	if ll != nil && b.slots == nil {
+		return b.serveInLoops(ctx, ll)
+	}
+	if ll != nil {
+		return b.serveLoop(ctx, ll)
+	}
 	var backoff time.Duration
 	for {
 		if b.slots != nil {
@@ -91,6 +107,13 @@ type conn struct {
 	upstream net.Conn
 	closed   bool
 	reason   string // why the balancer closed it, if it did
+	lc       *lconn // served by a loop (then client and upstream are nil)
+}
+
+func (c *conn) isClosing() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closed
 }
 
 func (c *conn) setUpstream(u net.Conn) bool {
@@ -112,6 +135,10 @@ func (c *conn) close(reason string) {
 		return
 	}
 	c.closed, c.reason = true, reason
+	if c.lc != nil {
+		c.lc.l.post(loopWork{close: c.lc, reason: reason})
+		return
+	}
 	c.client.Close()
 	if c.upstream != nil {
 		c.upstream.Close()
