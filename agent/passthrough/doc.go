@@ -11,6 +11,13 @@
 // ClientHello to log or filter the server name, without consuming or
 // terminating anything.
 //
+// Connections on TCP listeners are served by event loops on epoll (one
+// per CPU but one): an idle connection is its two sockets and a small
+// struct, with no goroutine; bulk transfers move by splice(2) through
+// pipes borrowed only while bytes flow. Other listeners, and upstreams
+// given by host name (dialled through Go's resolver), are served by a
+// goroutine per direction, with the same rules.
+//
 // It does not terminate TLS, speak the PROXY protocol or look at HTTP:
 // Mattermost sees the balancer's address as the client's. It imports
 // nothing of mmtls.

@@ -115,3 +115,72 @@ func TestConnectionLogOff(t *testing.T) {
 		}
 	}
 }
+
+// A connection with no byte either way for IdleTimeout is closed, with
+// that reason; one that keeps moving, even one way, is not.
+func TestIdleTimeout(t *testing.T) {
+	a := newBackend(t, "a")
+	logs := make(records, 100)
+	cfg := raw(a)
+	cfg.IdleTimeout, cfg.LogConnections, cfg.Logger = 300*time.Millisecond, true, slog.New(logs)
+	_, addr := start(t, cfg)
+
+	busy := dialFrom(t, "127.0.0.1", addr)
+	defer busy.Close()
+	greeting(t, busy)
+	for range 8 { // 800 ms of a byte every 100 ms, the echo read back
+		busy.Write([]byte{'x'})
+		if _, err := io.ReadFull(busy, make([]byte, 1)); err != nil {
+			t.Fatalf("a connection in use was cut: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	quiet := dialFrom(t, "127.0.0.2", addr)
+	defer quiet.Close()
+	greeting(t, quiet)
+	start := time.Now()
+	quiet.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := quiet.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("read on a quiet connection: %v, want its close", err)
+	}
+	if d := time.Since(start); d < 250*time.Millisecond {
+		t.Errorf("closed after %s, before the idle timeout", d)
+	}
+	// The busy one, quiet since, goes the same way; each says why.
+	for range 2 {
+		if _, got := logs.next(t, "connection closed"); got["reason"] != "idle timeout" {
+			t.Errorf("line %v, want an idle timeout", got)
+		}
+	}
+}
+
+// With SNIAllow, a ClientHello for another name is refused before any
+// node is dialled; an allowed one is forwarded.
+func TestSNIAllow(t *testing.T) {
+	a := newBackend(t, "a")
+	logs := make(records, 100)
+	bal, addr := start(t, Config{Upstreams: []Upstream{{Addr: a.addr()}}, SNIAllow: []string{"chat.example.test"},
+		LogConnections: true, Logger: slog.New(logs)})
+
+	other := dialFrom(t, "127.0.0.1", addr)
+	defer other.Close()
+	other.Write(clientHello(t, "other.example.test"))
+	other.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := other.Read(make([]byte, 1)); err == nil {
+		t.Fatal("a name not allowed reached a node")
+	}
+	if _, got := logs.next(t, "closing connection: server name not allowed"); got["sni"] != "other.example.test" {
+		t.Errorf("refusal line %v", got)
+	}
+	if n := bal.Status()[0].Total; n != 0 {
+		t.Errorf("%d connections made to the node for a refused name", n)
+	}
+
+	allowed := dialFrom(t, "127.0.0.1", addr)
+	defer allowed.Close()
+	allowed.Write(clientHello(t, "Chat.Example.Test"))
+	if g := greeting(t, allowed); g != "a" {
+		t.Fatalf("greeting %q", g)
+	}
+}
