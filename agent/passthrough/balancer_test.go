@@ -415,7 +415,9 @@ func TestUpstreamByName(t *testing.T) {
 func TestConnectTimeoutTriesNext(t *testing.T) {
 	full := fullListener(t)
 	b := newBackend(t, "b")
-	cfg := Config{DisableSNIPeek: true, ConnectTimeout: 200 * time.Millisecond,
+	// Round-robin: the first connection tries the first upstream (the
+	// hash would pick by ports that change from run to run).
+	cfg := Config{DisableSNIPeek: true, ConnectTimeout: 200 * time.Millisecond, Method: MethodRoundRobin,
 		Upstreams: []Upstream{{Addr: full}, {Addr: b.addr()}}}
 	bal, addr := start(t, cfg)
 	for i := 1; i <= 6; i++ {
