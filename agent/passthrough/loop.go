@@ -314,24 +314,8 @@ func (b *Balancer) serveLoop(ctx context.Context, ll *loopListener) error {
 			err = net.ErrClosed
 		}
 		if err != nil {
-			b.release()
-			if b.isClosed() {
-				return ErrClosed
-			}
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			if errors.Is(err, net.ErrClosed) || err == unix.EAGAIN {
-				return net.ErrClosed
-			}
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			b.log.Warn("accept failed; pausing", "err", err, "pause", backoff)
-			t := time.NewTimer(backoff)
-			select {
-			case <-t.C:
-			case <-ctx.Done():
-				t.Stop()
-				return ctx.Err()
+			if err := b.acceptFailed(ctx, err, &backoff); err != nil {
+				return err
 			}
 			continue
 		}

@@ -60,31 +60,40 @@ func (b *Balancer) Serve(ctx context.Context, ln net.Listener) error {
 		}
 		c, err := ln.Accept()
 		if err != nil {
-			b.release()
-			if b.isClosed() {
-				return ErrClosed
-			}
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			if errors.Is(err, net.ErrClosed) {
+			if err := b.acceptFailed(ctx, err, &backoff); err != nil {
 				return err
-			}
-			// EMFILE, ENFILE, ECONNABORTED...: wait and try again.
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			b.log.Warn("accept failed; pausing", "err", err, "pause", backoff)
-			t := time.NewTimer(backoff)
-			select {
-			case <-t.C:
-			case <-ctx.Done():
-				t.Stop()
-				return ctx.Err()
 			}
 			continue
 		}
 		backoff = 0
 		b.handlers.Add(1) // Done when the connection is over (see handle)
 		go b.handle(c)
+	}
+}
+
+// acceptFailed gives back the slot taken for a failed accept and says
+// what Serve returns: ErrClosed after Shutdown, ctx's error, the
+// listener's close; or nil after a pause (EMFILE, ENFILE...), doubling
+// from 5ms to at most 1s, so that the accept loop never spins.
+func (b *Balancer) acceptFailed(ctx context.Context, err error, backoff *time.Duration) error {
+	b.release()
+	switch {
+	case b.isClosed():
+		return ErrClosed
+	case ctx.Err() != nil:
+		return ctx.Err()
+	case errors.Is(err, net.ErrClosed):
+		return err
+	}
+	*backoff = min(max(2**backoff, 5*time.Millisecond), time.Second)
+	b.log.Warn("accept failed; pausing", "err", err, "pause", *backoff)
+	t := time.NewTimer(*backoff)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
