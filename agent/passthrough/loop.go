@@ -74,6 +74,7 @@ type evloop struct {
 	paused     map[*loopListener]pause // listeners left after accept failed
 	timers     timerHeap
 	ready      []*lconn // connections with more to do than one turn allows
+	retired    []int    // sockets to close at the end of this turn
 
 	mu    sync.Mutex
 	queue []loopWork
@@ -507,7 +508,19 @@ func (l *evloop) run() {
 		}
 		l.fireTimers()
 		l.resumeListeners()
+		for _, fd := range l.retired {
+			unix.Close(fd)
+		}
+		l.retired = l.retired[:0]
 	}
+}
+
+// retire takes a socket out of the loop; it is closed after the events
+// of this turn, so that a stale event for it cannot reach another socket
+// given its number meanwhile.
+func (l *evloop) retire(fd int) {
+	delete(l.conns, fd)
+	l.retired = append(l.retired, fd)
 }
 
 // resumeListeners takes back the listeners whose pause has passed.
@@ -803,8 +816,7 @@ func (l *evloop) connected(lc *lconn) {
 // dropUpstream closes a socket whose connect failed.
 func (l *evloop) dropUpstream(lc *lconn) {
 	if lc.ufd >= 0 {
-		delete(l.conns, lc.ufd)
-		unix.Close(lc.ufd)
+		l.retire(lc.ufd)
 		lc.ufd = -1
 	}
 	lc.u = nil
@@ -1009,8 +1021,7 @@ func (l *evloop) finish(lc *lconn, reason string) {
 	}
 	for _, fd := range []int{lc.cfd, lc.ufd} {
 		if fd >= 0 {
-			delete(l.conns, fd)
-			unix.Close(fd)
+			l.retire(fd)
 		}
 	}
 	for i := range lc.dirs {
