@@ -2,7 +2,6 @@ package passthrough
 
 import (
 	"bytes"
-	"context"
 	"crypto/sha256"
 	"io"
 	"math/rand/v2"
@@ -169,21 +168,8 @@ func BenchmarkBulkDownload(b *testing.B) {
 			}
 		}
 	}()
-	bal, err := New(Config{DisableSNIPeek: true, Upstreams: []Upstream{{Addr: ln.Addr().String()}}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	front, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	go bal.Serve(context.Background(), front)
-	b.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		bal.Shutdown(ctx)
-	})
-	c, err := net.Dial("tcp", front.Addr().String())
+	_, front := balancerFor(b, ln.Addr().String())
+	c, err := net.Dial("tcp", front)
 	if err != nil {
 		b.Fatal(err)
 	}

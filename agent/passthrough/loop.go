@@ -292,12 +292,8 @@ func (b *Balancer) serveLoop(ctx context.Context, ll *loopListener) error {
 	events := make([]unix.EpollEvent, 2)
 	var backoff time.Duration
 	for {
-		if b.slots != nil {
-			select {
-			case b.slots <- struct{}{}:
-			case <-ctx.Done():
-				return ctx.Err()
-			}
+		if err := b.acquire(ctx); err != nil {
+			return err
 		}
 		fd, sa, err := ll.accept()
 		for err == unix.EAGAIN || err == unix.EINTR || err == unix.ECONNABORTED {

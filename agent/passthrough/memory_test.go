@@ -91,7 +91,14 @@ func echoThroughBalancer(b *testing.B) (*Balancer, string) {
 			go func() { defer c.Close(); io.Copy(c, c) }()
 		}
 	}()
-	bal, err := New(Config{DisableSNIPeek: true, Upstreams: []Upstream{{Addr: ln.Addr().String()}}})
+	return balancerFor(b, ln.Addr().String())
+}
+
+// balancerFor runs a raw balancer in front of upstream on loopback, for
+// the benchmarks; it returns the balancer and its address.
+func balancerFor(b *testing.B, upstream string) (*Balancer, string) {
+	b.Helper()
+	bal, err := New(Config{DisableSNIPeek: true, Upstreams: []Upstream{{Addr: upstream}}})
 	if err != nil {
 		b.Fatal(err)
 	}

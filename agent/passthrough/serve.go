@@ -51,12 +51,8 @@ func (b *Balancer) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	var backoff time.Duration
 	for {
-		if b.slots != nil {
-			select {
-			case b.slots <- struct{}{}:
-			case <-ctx.Done():
-				return ctx.Err()
-			}
+		if err := b.acquire(ctx); err != nil {
+			return err
 		}
 		c, err := ln.Accept()
 		if err != nil {
@@ -91,6 +87,19 @@ func (b *Balancer) acceptFailed(ctx context.Context, err error, backoff *time.Du
 	defer t.Stop()
 	select {
 	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// acquire takes a MaxConns slot for the next accept, waiting for one.
+func (b *Balancer) acquire(ctx context.Context) error {
+	if b.slots == nil {
+		return nil
+	}
+	select {
+	case b.slots <- struct{}{}:
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
