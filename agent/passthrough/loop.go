@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -268,18 +269,48 @@ func (ll *loopListener) Close() error {
 // accept takes one connection off the listener: the socket, its peer,
 // and unix.EAGAIN when none is waiting. Through Control, a close of the
 // listener meanwhile cannot hand its number to another socket.
-func (ll *loopListener) accept() (int, unix.Sockaddr, error) {
+func (ll *loopListener) accept() (int, netip.AddrPort, error) {
 	var (
 		fd   int
-		sa   unix.Sockaddr
+		peer netip.AddrPort
 		aerr error
 	)
 	if err := ll.rc.Control(func(lfd uintptr) {
-		fd, sa, aerr = unix.Accept4(int(lfd), unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+		fd, peer, aerr = accept4(int(lfd))
 	}); err != nil {
-		return -1, nil, err
+		return -1, netip.AddrPort{}, err
 	}
-	return fd, sa, aerr
+	return fd, peer, aerr
+}
+
+// accept4 is accept4(2), non-blocking and close-on-exec, with the peer's
+// address. (x/sys/unix's Accept4 also asks the listener for its protocol,
+// a getsockopt on every connection.)
+func accept4(lfd int) (int, netip.AddrPort, error) {
+	var rsa unix.RawSockaddrAny
+	size := uint32(unix.SizeofSockaddrAny)
+	fd, _, errno := unix.Syscall6(unix.SYS_ACCEPT4, uintptr(lfd), uintptr(unsafe.Pointer(&rsa)),
+		uintptr(unsafe.Pointer(&size)), unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
+	if errno != 0 {
+		return -1, netip.AddrPort{}, errno
+	}
+	return int(fd), rawAddrPort(&rsa), nil
+}
+
+// rawAddrPort is the IPv4 or IPv6 address and port of a raw socket
+// address (its port in network order).
+func rawAddrPort(rsa *unix.RawSockaddrAny) netip.AddrPort {
+	switch rsa.Addr.Family {
+	case unix.AF_INET:
+		a := (*unix.RawSockaddrInet4)(unsafe.Pointer(rsa))
+		p := (*[2]byte)(unsafe.Pointer(&a.Port))
+		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(p[0])<<8|uint16(p[1]))
+	case unix.AF_INET6:
+		a := (*unix.RawSockaddrInet6)(unsafe.Pointer(rsa))
+		p := (*[2]byte)(unsafe.Pointer(&a.Port))
+		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), uint16(p[0])<<8|uint16(p[1]))
+	}
+	return netip.AddrPort{}
 }
 
 // serveLoop accepts from a TCP listener and hands each connection to a
@@ -296,7 +327,7 @@ func (b *Balancer) serveLoop(ctx context.Context, ll *loopListener) error {
 		if err := b.acquire(ctx); err != nil {
 			return err
 		}
-		fd, sa, err := ll.accept()
+		fd, peer, err := ll.accept()
 		for err == unix.EAGAIN || err == unix.EINTR || err == unix.ECONNABORTED {
 			if _, werr := unix.EpollWait(ll.epfd, events, -1); werr != nil && werr != unix.EINTR {
 				err = werr
@@ -305,7 +336,7 @@ func (b *Balancer) serveLoop(ctx context.Context, ll *loopListener) error {
 			if b.isClosed() || ctx.Err() != nil {
 				break
 			}
-			fd, sa, err = ll.accept()
+			fd, peer, err = ll.accept()
 		}
 		if err == nil && (b.isClosed() || ctx.Err() != nil) {
 			unix.Close(fd)
@@ -319,7 +350,7 @@ func (b *Balancer) serveLoop(ctx context.Context, ll *loopListener) error {
 		}
 		backoff = 0
 		b.handlers.Add(1) // Done when the connection is over
-		b.adopt(fd, sa)
+		b.adopt(fd, peer)
 	}
 }
 
@@ -361,11 +392,13 @@ func (l *evloop) listenTo(ll *loopListener) {
 	})
 }
 
-// acceptFrom takes what connections are waiting, a turn's share.
+// acceptFrom takes one waiting connection, as nginx does by default:
+// the listener is level-triggered, so the next wait reports the others,
+// and a lone connection costs no accept that finds none.
 func (l *evloop) acceptFrom(ll *loopListener) {
 	b := ll.b
-	for range 64 {
-		fd, sa, err := ll.accept()
+	for range 64 { // aborted ones are skipped
+		fd, peer, err := ll.accept()
 		switch {
 		case err == unix.EAGAIN || err == unix.ECONNABORTED || err == unix.EINTR:
 			if err == unix.EAGAIN {
@@ -390,16 +423,17 @@ func (l *evloop) acceptFrom(ll *loopListener) {
 			delete(l.paused, ll) // accepting again: the backoff starts over
 		}
 		b.handlers.Add(1) // Done when the connection is over
-		if lc := b.newLconn(l, fd, sa); lc != nil {
+		if lc := b.newLconn(l, fd, peer); lc != nil {
 			l.add(lc)
 		}
+		return
 	}
 }
 
 // adopt starts serving an accepted socket in a loop.
-func (b *Balancer) adopt(fd int, sa unix.Sockaddr) {
+func (b *Balancer) adopt(fd int, peer netip.AddrPort) {
 	l := pickLoop()
-	if lc := b.newLconn(l, fd, sa); lc != nil {
+	if lc := b.newLconn(l, fd, peer); lc != nil {
 		l.post(loopWork{add: lc})
 	}
 }
@@ -407,7 +441,7 @@ func (b *Balancer) adopt(fd int, sa unix.Sockaddr) {
 // newLconn registers an accepted socket with the balancer, or closes it
 // (the balancer is shutting down, or an upstream is given by name: the
 // goroutine engine then serves it). b.handlers has been added to.
-func (b *Balancer) newLconn(l *evloop, fd int, sa unix.Sockaddr) *lconn {
+func (b *Balancer) newLconn(l *evloop, fd int, peer netip.AddrPort) *lconn {
 	// As nginx's tcp_nodelay (Go's default too): small writes go out at once.
 	unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	b.mu.Lock()
@@ -434,21 +468,11 @@ func (b *Balancer) newLconn(l *evloop, fd int, sa unix.Sockaddr) *lconn {
 		go b.handle(nc)
 		return nil
 	}
-	lc := &lconn{l: l, b: b, cfd: fd, ufd: -1, addr: sockaddrPort(sa), start: time.Now(), tidx: -1, cfg: b.cfg}
+	lc := &lconn{l: l, b: b, cfd: fd, ufd: -1, addr: peer, start: time.Now(), tidx: -1, cfg: b.cfg}
 	lc.c = &conn{lc: lc}
 	b.conns[lc.c] = struct{}{}
 	b.mu.Unlock()
 	return lc
-}
-
-func sockaddrPort(sa unix.Sockaddr) netip.AddrPort {
-	switch a := sa.(type) {
-	case *unix.SockaddrInet4:
-		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
-	case *unix.SockaddrInet6:
-		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), uint16(a.Port))
-	}
-	return netip.AddrPort{}
 }
 
 // yieldEvery is how often a loop gives its goroutine back to the
