@@ -3,6 +3,7 @@ package passthrough
 import (
 	"bytes"
 	"crypto/sha256"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -185,4 +186,42 @@ func BenchmarkBulkDownload(b *testing.B) {
 			n += m
 		}
 	}
+}
+
+// A client that sends and half-closes at once has all its bytes carried,
+// whatever their count, however the end arrives: with them or after.
+func TestBytesThenEndArriveWhole(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				h := sha256.New()
+				n, _ := io.Copy(h, c) // until the client's half-close
+				fmt.Fprintf(c, "%d %x", n, h.Sum(nil))
+			}()
+		}
+	}()
+	b, addr := start(t, Config{DisableSNIPeek: true, Upstreams: []Upstream{{Addr: ln.Addr().String()}}})
+	for _, size := range []int{1, 1000, 20000, bufSize - 1, bufSize, bufSize + 1, 3*bufSize + 7} {
+		c := dialFrom(t, "127.0.0.1", addr)
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		msg, _ := io.ReadAll(io.LimitReader(randomBytes(3), int64(size)))
+		c.Write(msg) // one write: the end follows at once
+		c.(*net.TCPConn).CloseWrite()
+		reply, err := io.ReadAll(c)
+		c.Close()
+		if want := fmt.Sprintf("%d %x", size, sha256.Sum256(msg)); err != nil || string(reply) != want {
+			t.Errorf("%d bytes then the end: node got %q (%v), want %q", size, reply, err, want)
+		}
+	}
+	waitUntil(t, func() bool { return b.ActiveConns() == 0 })
 }

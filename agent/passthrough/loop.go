@@ -174,6 +174,11 @@ type ldir struct {
 	// byte brings a new event), unless hup: an end or error reported
 	// with bytes is read to the end.
 	canRead, hup bool
+	// fin: the source's end was reported without an error (EPOLLRDHUP).
+	// TCP takes a FIN only in order, so every byte before it is queued
+	// already: a read that finds less than it asked for has reached the
+	// end, and no read is spent on finding 0.
+	fin bool
 }
 
 // Timer kinds: a connection has at most one timer at a time, for the
@@ -653,6 +658,9 @@ func (l *evloop) event(lc *lconn, fd int, ev uint32) {
 		if ev&(unix.EPOLLRDHUP|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
 			d.hup = true
 		}
+		if ev&unix.EPOLLRDHUP != 0 && ev&unix.EPOLLERR == 0 {
+			d.fin = true
+		}
 	}
 	switch lc.state {
 	case stHello:
@@ -981,6 +989,9 @@ func (l *evloop) pump(lc *lconn, dir int) {
 		l.moved(lc, d, count, w)
 		if w < n {
 			d.pending = append([]byte(nil), l.buf[w:n]...)
+		} else if d.fin && n < len(l.buf) {
+			l.srcEnded(lc, dir, dst)
+			return
 		}
 	}
 	if !lc.readyQ {
