@@ -643,7 +643,12 @@ func (l *evloop) add(lc *lconn) {
 	}
 	lc.state = stHello
 	l.setTimer(lc, tmHello, lc.start.Add(lc.cfg.helloTimeout()))
-	// Readiness already there is reported on registration.
+	// A client sends its ClientHello as soon as it is connected, so it is
+	// often here by now: read it at once, as nginx does, rather than after
+	// a wait that would return at once (EAGAIN costs no more than that
+	// wait). If it is not, its arrival brings an event.
+	lc.dirs[fromClient].canRead = true
+	l.readHello(lc)
 }
 
 func (l *evloop) event(lc *lconn, fd int, ev uint32) {
