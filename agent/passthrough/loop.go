@@ -1023,10 +1023,13 @@ func (l *evloop) srcEnded(lc *lconn, dir, dst int) {
 	if lc.firstEnd == "" {
 		lc.firstEnd = closedBy[dir]
 	}
-	unix.Shutdown(dst, unix.SHUT_WR)
 	if lc.dirs[1-dir].eof && !lc.dirs[1-dir].waiting() {
+		// The other way ended before and was read to its end: closing
+		// sends the same FIN the shutdown would.
 		l.closeConn(lc, "")
+		return
 	}
+	unix.Shutdown(dst, unix.SHUT_WR)
 }
 
 func (l *evloop) fireTimers() {
