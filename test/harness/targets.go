@@ -14,9 +14,10 @@ import (
 )
 
 // target is a way to reach the backends: directly or through a proxy.
+// start runs the proxy in front of the given backends.
 type target struct {
 	name   string
-	start  func(tlsMode bool) (addr string, pids func() []int, stop func(), conf string, err error)
+	start  func(tlsMode bool, backends []string) (addr string, pids func() []int, stop func(), conf string, err error)
 	direct bool
 }
 
@@ -83,8 +84,8 @@ func freePort() string {
 	return ln.Addr().String()
 }
 
-func mmtlsTarget(bin string, backends []string, dir string) target {
-	return target{name: "mmtls", start: func(tlsMode bool) (string, func() []int, func(), string, error) {
+func mmtlsTarget(bin string, dir string) target {
+	return target{name: "mmtls", start: func(tlsMode bool, backends []string) (string, func() []int, func(), string, error) {
 		addr := freePort()
 		args := []string{"balance", "--listen", addr, "--control-socket", filepath.Join(dir, "balance.sock"), "--log-level", "error",
 			"--sni-peek=" + strconv.FormatBool(tlsMode)}
@@ -103,8 +104,8 @@ func mmtlsTarget(bin string, backends []string, dir string) target {
 	}}
 }
 
-func nginxTarget(backends []string, dir string) target {
-	return target{name: "nginx", start: func(tlsMode bool) (string, func() []int, func(), string, error) {
+func nginxTarget(dir string) target {
+	return target{name: "nginx", start: func(tlsMode bool, backends []string) (string, func() []int, func(), string, error) {
 		addr := freePort()
 		var up strings.Builder
 		for _, b := range backends {
@@ -137,8 +138,8 @@ stream {
 	}}
 }
 
-func haproxyTarget(backends []string, dir string) target {
-	return target{name: "haproxy", start: func(tlsMode bool) (string, func() []int, func(), string, error) {
+func haproxyTarget(dir string) target {
+	return target{name: "haproxy", start: func(tlsMode bool, backends []string) (string, func() []int, func(), string, error) {
 		addr := freePort()
 		var srv strings.Builder
 		for i, b := range backends {
@@ -205,8 +206,8 @@ func startBackend(self string, certFile, keyFile string) (string, *proc, error) 
 }
 
 // naiveTarget is the harness's own naive Go proxy (see naiveMain).
-func naiveTarget(self string, backends []string) target {
-	return target{name: "naive", start: func(bool) (string, func() []int, func(), string, error) {
+func naiveTarget(self string) target {
+	return target{name: "naive", start: func(_ bool, backends []string) (string, func() []int, func(), string, error) {
 		addr := freePort()
 		args := []string{"naive", "--listen", addr}
 		for _, b := range backends {
