@@ -10,8 +10,11 @@
 // connection at 3,000 and 9,900 idle connections on a freshly started
 // proxy (by default: a hard limit of 20,000 descriptors leaves one proxy
 // process no room for 10,000 connections and their upstreams; -idle
-// takes other counts where the limit allows), and the proxy's CPU time (utime+stime of its processes) per new
-// connection and per GiB of bulk transfer. Beside nginx and HAProxy it
+// takes other counts where the limit allows), the proxy's CPU time
+// (utime+stime of its processes) per new connection and per GiB of bulk
+// transfer, and while connections are made the whole machine's CPU per
+// connection and the share of time its CPUs sat idle. Each measurement
+// runs in a network namespace of its own (netns.go). Beside nginx and HAProxy it
 // runs a naive Go proxy (io.Copy both ways, which Go turns into splice(2)
 // through a pipe pair per direction) as a reference. It prints a Markdown
 // table with medians and min-max, and the exact proxy configurations
@@ -35,15 +38,11 @@ var (
 	settle   = flag.Duration("settle", 3*time.Second, "how long the idle connections sit quiet before their memory is read")
 	mmtlsBin = flag.String("mmtls", "", "mmtls binary (default: built from this module)")
 	only     = flag.String("only", "", "comma-separated targets to run (direct,mmtls,nginx,haproxy,naive)")
+	netns    = flag.Bool("netns", true, "run each measurement in a network namespace of its own (see netns.go)")
 )
 
 func main() {
-	if len(os.Args) > 1 && os.Args[1] == "backend" {
-		backendMain(os.Args[2:])
-		return
-	}
-	if len(os.Args) > 1 && os.Args[1] == "naive" {
-		naiveMain(os.Args[2:])
+	if child() {
 		return
 	}
 	flag.Parse()
@@ -53,4 +52,23 @@ func main() {
 		fmt.Fprintln(os.Stderr, "harness:", err)
 		os.Exit(1)
 	}
+}
+
+// child runs the harness's own processes (a backend, the naive proxy, a
+// measurement in its own network namespace) when os.Args names one.
+func child() bool {
+	if len(os.Args) < 2 {
+		return false
+	}
+	switch os.Args[1] {
+	case "backend":
+		backendMain(os.Args[2:])
+	case "naive":
+		naiveMain(os.Args[2:])
+	case "measure":
+		measureMain(os.Args[2:])
+	default:
+		return false
+	}
+	return true
 }

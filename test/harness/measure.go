@@ -275,3 +275,23 @@ func procField(path, key string) int64 {
 	}
 	return 0
 }
+
+// machineCPU is the whole machine's CPU time so far, from /proc/stat:
+// busy (user, nice, system, irq, softirq) and idle (idle, iowait), and
+// the time stolen by the hypervisor.
+func machineCPU() (busy, idle, steal time.Duration) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0, 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	v := func(i int) time.Duration {
+		if i >= len(f) {
+			return 0
+		}
+		n, _ := strconv.ParseInt(f[i], 10, 64)
+		return time.Duration(n) * clockTick
+	}
+	return v(1) + v(2) + v(3) + v(6) + v(7), v(4) + v(5), v(8)
+}

@@ -67,8 +67,11 @@ func run(ctx context.Context) error {
 		return err
 	}
 	certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
-	os.WriteFile(certFile, chain.FullChain(), 0o600)
-	os.WriteFile(keyFile, chain.Leaf.KeyPEM, 0o600)
+	for name, data := range map[string][]byte{certFile: chain.FullChain(), keyFile: chain.Leaf.KeyPEM, filepath.Join(dir, "root.pem"): pki.EncodeCerts(chain.Root.Cert)} {
+		if err := os.WriteFile(name, data, 0o600); err != nil {
+			return err
+		}
+	}
 	roots := x509.NewCertPool()
 	roots.AddCert(chain.Root.Cert)
 
@@ -80,11 +83,11 @@ func run(ctx context.Context) error {
 		if tlsMode {
 			mode = "TLS"
 		}
-		targets := []target{{name: "direct", direct: true}, mmtlsTarget(bin, dir), nginxTarget(dir), haproxyTarget(dir)}
-		if !tlsMode {
+		targets := allTargets(self, bin, dir)
+		if tlsMode {
 			// The naive proxy does not look at the ClientHello: its
 			// figures are raw TCP's.
-			targets = append(targets, naiveTarget(self))
+			targets = slices.DeleteFunc(targets, func(t target) bool { return t.name == "naive" })
 		}
 		if *only != "" {
 			targets = slices.DeleteFunc(targets, func(t target) bool { return !strings.Contains(*only, t.name) })
@@ -103,7 +106,13 @@ func run(ctx context.Context) error {
 				if tlsMode {
 					cf, kf = certFile, keyFile
 				}
-				f, conf, err := measure(self, t, tlsMode, cf, kf, roots)
+				var f sample
+				var conf string
+				if *netns {
+					f, conf, err = measureInNetns(self, bin, dir, t.name, tlsMode)
+				} else {
+					f, conf, err = measure(self, t, tlsMode, cf, kf, roots)
+				}
 				if err != nil {
 					return fmt.Errorf("%s, %s: %w", mode, t.name, err)
 				}
@@ -134,7 +143,8 @@ func run(ctx context.Context) error {
 // and batches at 260 µs each time a parity class of the ephemeral ports
 // is used up, every 14,000 connects or so); with shared backends that
 // cost lands on whichever proxy runs next. Fresh backends (fresh ports)
-// give every measurement an empty 4-tuple space.
+// give every measurement an empty 4-tuple space; the network namespace
+// of each measurement (netns.go) gives it an empty port space too.
 func measure(self string, t target, tlsMode bool, certFile, keyFile string, roots *x509.CertPool) (sample, string, error) {
 	var backends []string
 	var backendPIDs []int
@@ -207,10 +217,16 @@ func measure(self string, t target, tlsMode bool, certFile, keyFile string, root
 	if err != nil {
 		return nil, "", err
 	}
+	// The whole machine's CPU per connection (client, backends, proxy,
+	// and the kernel's softirq work charged to none of them), and the
+	// share of the phase the CPUs sat idle: a proxy that serialises
+	// connections leaves them idle while the client waits on it.
+	b0, i0, s0 := machineCPU()
 	conns, connCPU, err := phase("connections", func() (int64, error) { return cl.connRate(8, *dur) })
 	if err != nil {
 		return nil, "", err
 	}
+	b1, i1, s1 := machineCPU()
 	p50, p99, err := cl.rtt(2000)
 	if err != nil {
 		return nil, "", fmt.Errorf("round trips: %w", err)
@@ -221,6 +237,8 @@ func measure(self string, t target, tlsMode bool, certFile, keyFile string, root
 	const gib = 1 << 30
 	f["cpu_down_s_gib"] = downCPU.Seconds() / (float64(down) / gib)
 	f["cpu_up_s_gib"] = upCPU.Seconds() / (float64(up) / gib)
+	f["machine_conn_us"] = float64((b1 - b0).Microseconds()) / float64(conns)
+	f["idle_conn_pct"] = 100 * (i1 - i0).Seconds() / (b1 - b0 + i1 - i0 + s1 - s0).Seconds()
 	if !t.direct {
 		f["cpu_conn_us"] = float64(connCPU.Microseconds()) / float64(conns)
 	}
@@ -281,6 +299,8 @@ func report(results map[string]map[string]figures, configs map[string]string, to
 		{"cpu_up_s_gib", "proxy CPU per GiB to upstream (direct: the receiving node's)", "s"},
 		{"conns_s", "new connections", "/s"},
 		{"cpu_conn_us", "proxy CPU per new connection", "µs"},
+		{"machine_conn_us", "whole machine's CPU per new connection", "µs"},
+		{"idle_conn_pct", "machine idle while making connections", "%"},
 		{"rtt_p50_us", "64 B round trip p50", "µs"},
 		{"rtt_p99_us", "64 B round trip p99", "µs"},
 	}

@@ -205,6 +205,11 @@ func startBackend(self string, certFile, keyFile string) (string, *proc, error) 
 	return strings.TrimSpace(line), &proc{cmd: cmd}, nil
 }
 
+// allTargets lists every target, in the order of a run's first repetition.
+func allTargets(self, bin, dir string) []target {
+	return []target{{name: "direct", direct: true}, mmtlsTarget(bin, dir), nginxTarget(dir), haproxyTarget(dir), naiveTarget(self)}
+}
+
 // naiveTarget is the harness's own naive Go proxy (see naiveMain).
 func naiveTarget(self string) target {
 	return target{name: "naive", start: func(_ bool, backends []string) (string, func() []int, func(), string, error) {
