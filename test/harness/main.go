@@ -32,13 +32,14 @@ import (
 )
 
 var (
-	reps     = flag.Int("reps", 3, "repetitions (the target order is rotated)")
-	dur      = flag.Duration("dur", 2*time.Second, "duration of each throughput and connection-rate measurement")
-	idle     = flag.String("idle", "3000,9900", "idle connection counts for the memory figures, comma-separated (2n+100 must fit the descriptor limit)")
-	settle   = flag.Duration("settle", 3*time.Second, "how long the idle connections sit quiet before their memory is read")
-	mmtlsBin = flag.String("mmtls", "", "mmtls binary (default: built from this module)")
-	only     = flag.String("only", "", "comma-separated targets to run (direct,mmtls,nginx,haproxy,naive)")
-	netns    = flag.Bool("netns", true, "run each measurement in a network namespace of its own (see netns.go)")
+	reps         = flag.Int("reps", 3, "repetitions (the target order is rotated)")
+	dur          = flag.Duration("dur", 2*time.Second, "duration of each throughput and connection-rate measurement")
+	idle         = flag.String("idle", "3000,9900", "idle connection counts for the memory figures, comma-separated (2n+100 must fit the descriptor limit)")
+	settle       = flag.Duration("settle", 3*time.Second, "how long the idle connections sit quiet before their memory is read")
+	mmtlsBin     = flag.String("mmtls", "", "mmtls binary (default: built from this module)")
+	only         = flag.String("only", "", "comma-separated targets to run (direct,mmtls,nginx,haproxy,naive)")
+	nginxWorkers = flag.String("nginx-workers", "auto", "nginx's worker_processes")
+	netns        = flag.Bool("netns", true, "run each measurement in a network namespace of its own (see netns.go)")
 )
 
 func main() {

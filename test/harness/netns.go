@@ -36,7 +36,7 @@ type measured struct {
 // namespace and returns its figures.
 func measureInNetns(self, bin, dir, name string, tlsMode bool) (sample, string, error) {
 	args := []string{"measure", "-target", name, "-tls=" + fmt.Sprint(tlsMode), "-dir", dir, "-mmtls", bin,
-		"-dur", dur.String(), "-idle", *idle, "-settle", settle.String()}
+		"-dur", dur.String(), "-idle", *idle, "-settle", settle.String(), "-nginx-workers", *nginxWorkers}
 	cmd := exec.Command(self, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Setpgid: true}
 	var out bytes.Buffer
@@ -62,6 +62,7 @@ func measureMain(args []string) {
 	fs.DurationVar(dur, "dur", *dur, "")
 	fs.StringVar(idle, "idle", *idle, "")
 	fs.DurationVar(settle, "settle", *settle, "")
+	fs.StringVar(nginxWorkers, "nginx-workers", *nginxWorkers, "")
 	fs.Parse(args)
 	err := func() error {
 		if err := loopbackUp(); err != nil {

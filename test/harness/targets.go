@@ -116,7 +116,7 @@ func nginxTarget(dir string) target {
 			preread = "        ssl_preread on;\n"
 		}
 		conf := fmt.Sprintf(`load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes auto;
+worker_processes %s;
 worker_rlimit_nofile 20000;
 pid %s/nginx.pid;
 error_log %s/nginx-error.log error;
@@ -130,7 +130,7 @@ stream {
 %s        proxy_pass mm;
     }
 }
-`, dir, dir, up.String(), addr, preread)
+`, *nginxWorkers, dir, dir, up.String(), addr, preread)
 		path := filepath.Join(dir, "nginx.conf")
 		os.WriteFile(path, []byte(conf), 0o644)
 		pids, stop, err := startGroup(addr, "nginx", "-p", dir, "-c", path, "-g", "daemon off;")
