@@ -14,7 +14,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 	"unsafe"
 
@@ -215,54 +214,86 @@ func (h *timerHeap) Pop() any {
 // loopListener is a TCP listener whose accepting is done by serveLoop:
 // closing it also wakes serveLoop's wait.
 type loopListener struct {
-	*net.TCPListener
+	addr       net.Addr
 	b          *Balancer
 	id         int32 // its token in the loops' epoll sets
 	epfd, wake int   // serveLoop's own wait (with MaxConns)
-	rc         syscall.RawConn
 	once       sync.Once
 	done       chan struct{} // closed by Close
+
+	mu sync.RWMutex // held for reading while fd is used, for writing to close it
+	fd int          // the listening socket, -1 once closed
 }
 
 var listenerIDs atomic.Int32
 
+// newLoopListener takes tl over for the loops. They accept from a
+// duplicate of its socket and tl is closed: Go's own poller had the
+// socket in its epoll set too and was woken for every new connection,
+// only to find nobody waiting on it (a thread woken, a context switch
+// and two epoll waits more per connection). Closing tl takes the socket
+// out of that set; the duplicate keeps it listening.
 func newLoopListener(tl *net.TCPListener) (*loopListener, error) {
+	rc, err := tl.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	fd := -1
+	cerr := rc.Control(func(lfd uintptr) {
+		fd, err = unix.FcntlInt(lfd, unix.F_DUPFD_CLOEXEC, 0)
+	})
+	if err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, fmt.Errorf("take over the listener: %w", err)
+	}
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
+		unix.Close(fd)
 		return nil, err
 	}
 	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
+		unix.Close(fd)
 		unix.Close(epfd)
 		return nil, err
 	}
-	ll := &loopListener{TCPListener: tl, epfd: epfd, wake: wake, id: listenerIDs.Add(1), done: make(chan struct{})}
-	rc, err := tl.SyscallConn()
-	ll.rc = rc
-	if err == nil {
-		cerr := rc.Control(func(fd uintptr) {
-			ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(fd)}
-			err = unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, int(fd), &ev)
-		})
+	for _, w := range []int{fd, wake} {
+		ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(w)}
 		if err == nil {
-			err = cerr
+			err = unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, w, &ev)
 		}
 	}
-	if err == nil {
-		ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wake)}
-		err = unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wake, &ev)
-	}
 	if err != nil {
+		unix.Close(fd)
 		unix.Close(epfd)
 		unix.Close(wake)
 		return nil, err
 	}
-	return ll, nil
+	addr := tl.Addr()
+	tl.Close()
+	return &loopListener{addr: addr, fd: fd, epfd: epfd, wake: wake, id: listenerIDs.Add(1), done: make(chan struct{})}, nil
+}
+
+// Addr is the listener's address.
+func (ll *loopListener) Addr() net.Addr { return ll.addr }
+
+// Accept is not used: the loops and serveLoop accept from the socket.
+func (ll *loopListener) Accept() (net.Conn, error) {
+	return nil, errors.New("passthrough: a loop listener is accepted from by the event loops")
 }
 
 // Close closes the listener and wakes serveLoop, which closes the rest.
+// Closing the socket also takes it out of every loop's epoll set.
 func (ll *loopListener) Close() error {
-	err := ll.TCPListener.Close()
+	err := error(net.ErrClosed)
+	ll.mu.Lock()
+	if ll.fd >= 0 {
+		err = unix.Close(ll.fd)
+		ll.fd = -1
+	}
+	ll.mu.Unlock()
 	ll.once.Do(func() {
 		var one = [8]byte{1}
 		unix.Write(ll.wake, one[:])
@@ -271,17 +302,29 @@ func (ll *loopListener) Close() error {
 	return err
 }
 
+// control runs f with the listening socket, which cannot be closed (and
+// its number handed to another socket) meanwhile; net.ErrClosed once it
+// is closed.
+func (ll *loopListener) control(f func(fd int)) error {
+	ll.mu.RLock()
+	defer ll.mu.RUnlock()
+	if ll.fd < 0 {
+		return net.ErrClosed
+	}
+	f(ll.fd)
+	return nil
+}
+
 // accept takes one connection off the listener: the socket, its peer,
-// and unix.EAGAIN when none is waiting. Through Control, a close of the
-// listener meanwhile cannot hand its number to another socket.
+// and unix.EAGAIN when none is waiting.
 func (ll *loopListener) accept() (int, netip.AddrPort, error) {
 	var (
 		fd   int
 		peer netip.AddrPort
 		aerr error
 	)
-	if err := ll.rc.Control(func(lfd uintptr) {
-		fd, peer, aerr = accept4(int(lfd))
+	if err := ll.control(func(lfd int) {
+		fd, peer, aerr = accept4(lfd)
 	}); err != nil {
 		return -1, netip.AddrPort{}, err
 	}
@@ -389,9 +432,9 @@ func (b *Balancer) serveInLoops(ctx context.Context, ll *loopListener) error {
 // listenTo adds a listener to the loop's epoll set; its events carry its
 // id with Pad -1, never taken for a socket's.
 func (l *evloop) listenTo(ll *loopListener) {
-	ll.rc.Control(func(fd uintptr) {
+	ll.control(func(fd int) {
 		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLEXCLUSIVE, Fd: ll.id, Pad: -1}
-		if unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, int(fd), &ev) == nil {
+		if unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev) == nil {
 			l.listeners[ll.id] = ll
 		}
 	})
@@ -421,7 +464,7 @@ func (l *evloop) acceptFrom(ll *loopListener) {
 			p.until = time.Now().Add(p.backoff)
 			l.paused[ll] = p
 			b.log.Warn("accept failed; pausing", "err", err, "pause", p.backoff)
-			ll.rc.Control(func(fd uintptr) { unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, int(fd), nil) })
+			ll.control(func(fd int) { unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil) })
 			return
 		}
 		if p, ok := l.paused[ll]; ok && p.backoff > 0 && p.until.IsZero() {
