@@ -19,12 +19,14 @@ import (
 // one dearer: tens of thousands of TIME_WAIT sockets (for 60 s, longer at
 // times on this machine kind) crowd the ephemeral ports every later
 // connect() searches, whoever made them (the client toward a backend for
-// the direct target, the proxy's upstream side otherwise). Fresh backends
-// alone left an order effect: in a rotated run a proxy measured right
-// after another target spent up to a third more CPU per new TLS
-// connection than when it ran first. So each measurement runs in a child
-// process in a network namespace of its own (-netns, on by default): its
-// own loopback, its own port space, and its TIME_WAIT sockets go with it.
+// the direct target, the proxy's upstream side otherwise). With fresh
+// backends alone, a proxy measured right after another target once spent
+// up to a third more CPU per new TLS connection than when it ran first.
+// So each measurement runs in a child process in a network namespace of
+// its own (-netns, on by default): its own loopback, its own port space,
+// and its TIME_WAIT sockets go with it. (Runs remain noisy on this
+// machine kind: the last measurement of a run has come out the dearest
+// for the whole machine, not only for the proxy, in two runs of two.)
 
 // measured is what a child measurement reports to the parent.
 type measured struct {
