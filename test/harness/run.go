@@ -353,6 +353,7 @@ func report(results map[string]map[string]figures, configs map[string]string, to
 			fmt.Printf("| %s |\n", strings.Join(row, " | "))
 		}
 		fmt.Println()
+		pairedRatios(mode, r)
 	}
 	fmt.Print("### Configurations\n\n")
 	keys := make([]string, 0, len(configs))
@@ -363,4 +364,41 @@ func report(results map[string]map[string]figures, configs map[string]string, to
 	for _, k := range keys {
 		fmt.Printf("%s:\n\n```\n%s\n```\n\n", k, strings.TrimSpace(configs[k]))
 	}
+}
+
+// pairedRatios prints mmtls's figures against each other proxy's taken in
+// the same repetition: on a machine whose speed drifts from minute to
+// minute, the median of these ratios compares; a ratio of medians taken
+// minutes apart can mostly measure the drift.
+func pairedRatios(mode string, r map[string]figures) {
+	others := slices.DeleteFunc([]string{"nginx", "haproxy", "naive"}, func(n string) bool { return r[n] == nil })
+	if r["mmtls"] == nil || len(others) == 0 {
+		return
+	}
+	fmt.Printf("### %s: mmtls / each proxy within a repetition (median of the per-repetition ratios, min-max)\n\n| figure | %s |\n|---|%s\n",
+		mode, strings.Join(others, " | "), strings.Repeat("---|", len(others)))
+	for _, m := range []struct{ key, label string }{
+		{"cpu_conn_us", "proxy CPU per new connection"},
+		{"conns_s", "new connections per second"},
+		{"rtt_p99_us", "64 B round trip p99"},
+		{"cpu_down_s_gib", "proxy CPU per GiB to client"},
+		{"cpu_up_s_gib", "proxy CPU per GiB to upstream"},
+	} {
+		row := []string{m.label}
+		for _, n := range others {
+			a, b := r["mmtls"][m.key], r[n][m.key]
+			if len(a) == 0 || len(a) != len(b) {
+				row = append(row, "-")
+				continue
+			}
+			ratios := make([]float64, len(a))
+			for i := range a {
+				ratios[i] = a[i] / b[i]
+			}
+			med, lo, hi := stats(ratios)
+			row = append(row, fmt.Sprintf("%.2f (%.2f-%.2f)", med, lo, hi))
+		}
+		fmt.Printf("| %s |\n", strings.Join(row, " | "))
+	}
+	fmt.Println()
 }
