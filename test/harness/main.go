@@ -3,8 +3,8 @@
 // interleaved run: `go run ./test/harness` as root (it installs nginx,
 // libnginx-mod-stream and haproxy from Debian's packages if missing).
 //
-// For raw TCP and for TLS it measures, over repetitions with the target
-// order rotated: bulk throughput each way, new connections per second (a
+// For raw TCP and for TLS it measures, over repetitions in a balanced
+// order (repOrder): bulk throughput each way, new connections per second (a
 // small request and reply each), the 64-byte round trip on a persistent
 // connection (p50, p99), the memory and descriptors per idle proxied
 // connection at 3,000 and 9,900 idle connections on a freshly started
@@ -32,7 +32,7 @@ import (
 )
 
 var (
-	reps         = flag.Int("reps", 3, "repetitions (the target order is rotated)")
+	reps         = flag.Int("reps", 3, "repetitions (in a balanced order of the targets: as many as there are targets balance it fully)")
 	dur          = flag.Duration("dur", 2*time.Second, "duration of each throughput and connection-rate measurement")
 	idle         = flag.String("idle", "3000,9900", "idle connection counts for the memory figures, comma-separated (2n+100 must fit the descriptor limit)")
 	settle       = flag.Duration("settle", 3*time.Second, "how long the idle connections sit quiet before their memory is read")

@@ -26,7 +26,10 @@ import (
 // its own (-netns, on by default): its own loopback, its own port space,
 // and its TIME_WAIT sockets go with it. (Runs remain noisy on this
 // machine kind: the last measurement of a run has come out the dearest
-// for the whole machine, not only for the proxy, in three runs of three.)
+// for the whole machine, not only for the proxy, in three runs of three.
+// The kernel tears a namespace down asynchronously, and its slab counts
+// do not tell when that is done; repOrder keeps whatever it is from
+// landing on the same target in every run.)
 
 // measured is what a child measurement reports to the parent.
 type measured struct {

@@ -97,8 +97,7 @@ func run(ctx context.Context) error {
 		}
 		results[mode] = map[string]figures{}
 		for rep := range *reps {
-			order := append(targets[rep%len(targets):], targets[:rep%len(targets)]...)
-			for _, t := range order {
+			for _, t := range repOrder(targets, rep) {
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
@@ -132,6 +131,29 @@ func run(ctx context.Context) error {
 	}
 	report(results, configs, time.Since(start))
 	return nil
+}
+
+// repOrder is the order of the targets in repetition rep: the rows of a
+// Williams design, mirrored from the n-th repetition on. Over n
+// repetitions each target runs once in each position, and (for an even
+// n) right after each other target once, so that no target is always
+// last in a run, always measured right after the same one, or always
+// before or after the one it is compared with.
+func repOrder[T any](targets []T, rep int) []T {
+	n := len(targets)
+	order := make([]T, 0, n)
+	// The first row is 0, 1, n-1, 2, n-2, ...; row r adds r to each.
+	for i := range n {
+		j := (i + 1) / 2
+		if i%2 == 0 && i > 0 {
+			j = n - i/2
+		}
+		order = append(order, targets[(j+rep)%n])
+	}
+	if (rep/n)%2 == 1 {
+		slices.Reverse(order)
+	}
+	return order
 }
 
 // measure takes one target's figures, over two backends of its own. Once
