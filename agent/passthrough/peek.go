@@ -14,6 +14,9 @@ const maxHello = 64 << 10
 
 var errNotTLS = errors.New("not a TLS handshake")
 
+// errMalformedHello is made once: serverName runs for every connection.
+var errMalformedHello = fmt.Errorf("%w: malformed ClientHello", errNotTLS)
+
 // peekClientHello reads from c until it holds a whole ClientHello, across
 // TCP segments and TLS records, and returns the bytes read (to be replayed
 // to the upstream, unchanged) and the server name, "" when none was sent.
@@ -62,7 +65,13 @@ func helloIn(buf []byte) (done bool, sni string, err error) {
 		if len(buf)-off < 5+n {
 			break
 		}
-		hs = append(hs, buf[off+5:off+5+n]...)
+		if rec := buf[off+5 : off+5+n]; hs == nil {
+			hs = rec // one record holds it, as a rule: no copy
+		} else {
+			// Across records: a copy of its own (the full slice
+			// expression keeps append from writing into buf).
+			hs = append(hs[:len(hs):len(hs)], rec...)
+		}
 		off += 5 + n
 		if len(hs) >= 4 {
 			if hs[0] != 1 {
@@ -86,7 +95,7 @@ func helloIn(buf []byte) (done bool, sni string, err error) {
 
 // serverName parses a ClientHello body and returns its server_name.
 func serverName(b []byte) (string, error) {
-	bad := fmt.Errorf("%w: malformed ClientHello", errNotTLS)
+	bad := errMalformedHello
 	// version(2) random(32)
 	if len(b) < 34 {
 		return "", bad

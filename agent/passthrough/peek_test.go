@@ -1,8 +1,10 @@
 package passthrough
 
 import (
+	"bytes"
 	"crypto/tls"
 	"net"
+	"slices"
 	"testing"
 	"time"
 )
@@ -62,8 +64,13 @@ func TestPeekClientHello(t *testing.T) {
 	rest := len(body) - 50
 	split = append(split, 0x16, 3, 1, byte(rest>>8), byte(rest))
 	split = append(split, body[50:]...)
-	if _, sni, err := peekClientHello(&chunked{data: split, n: 13}); err != nil || sni != "chat.example.test" {
+	want := slices.Clone(split)
+	got, sni, err := peekClientHello(&chunked{data: split, n: 13})
+	if err != nil || sni != "chat.example.test" {
 		t.Errorf("two records: %q %v", sni, err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("two records: replays %d bytes differing from the %d the client sent from byte %d on", len(got), len(want), firstDiff(got, want))
 	}
 	if _, _, err := peekClientHello(&chunked{data: []byte("GET / HTTP/1.1\r\n\r\n"), n: 100}); err == nil {
 		t.Error("HTTP accepted as TLS")
@@ -81,5 +88,31 @@ func FuzzPeekClientHello(f *testing.F) {
 		if err == nil && len(got) > len(data) {
 			t.Fatalf("returned %d bytes from %d", len(got), len(data))
 		}
+		// What is replayed to the upstream is what the client sent.
+		if err == nil && !bytes.Equal(got, data[:len(got)]) {
+			t.Fatalf("returned %d bytes differing from what the client sent from byte %d on", len(got), firstDiff(got, data))
+		}
 	})
+}
+
+// firstDiff is the first offset where a and b differ.
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
+}
+
+// BenchmarkHelloIn is the ClientHello parse every TLS connection costs
+// the balancer: a hello in one record is parsed where it lies.
+func BenchmarkHelloIn(b *testing.B) {
+	hello := clientHello(b, "chat.example.test")
+	b.ReportAllocs()
+	for b.Loop() {
+		if done, sni, err := helloIn(hello); !done || sni != "chat.example.test" || err != nil {
+			b.Fatal(done, sni, err)
+		}
+	}
 }
