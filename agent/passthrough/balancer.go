@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -197,9 +198,9 @@ func (b *Balancer) available(u *upstream, now time.Time, drained bool) bool {
 type picker struct {
 	b     *Balancer
 	key   string
-	pos   int // position on the ring, for MethodHash
-	tries int // ring steps taken
-	tried map[*upstream]bool
+	pos   int         // position on the ring, for MethodHash
+	tries int         // ring steps taken
+	tried []*upstream // a handful at most: a scan costs less than a map
 	// budget is the upstreams still to try (the loops' count; connect
 	// keeps its own).
 	budget int
@@ -208,7 +209,7 @@ type picker struct {
 func (b *Balancer) newPicker(key string) *picker {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return &picker{b: b, key: key, pos: b.ring.Start(key), tried: map[*upstream]bool{}}
+	return &picker{b: b, key: key, pos: b.ring.Start(key)}
 }
 
 // hashTries is how many ring points the hash method walks past
@@ -224,7 +225,7 @@ func (p *picker) next(now time.Time) *upstream {
 	b := p.b
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	ok := func(u *upstream) bool { return !p.tried[u] && b.available(u, now, false) }
+	ok := func(u *upstream) bool { return !slices.Contains(p.tried, u) && b.available(u, now, false) }
 	var u *upstream
 	if b.cfg.method() == MethodHash && len(b.ups) > 1 {
 		for p.tries <= hashTries {
@@ -250,7 +251,7 @@ func (p *picker) next(now time.Time) *upstream {
 	if u == nil {
 		// Every live node is draining: better served by one of them than
 		// refused.
-		u = b.smoothRR(func(u *upstream) bool { return !p.tried[u] && b.available(u, now, true) })
+		u = b.smoothRR(func(u *upstream) bool { return !slices.Contains(p.tried, u) && b.available(u, now, true) })
 		if u != nil && !b.onlyDrained {
 			b.onlyDrained = true
 			b.log.Warn("every live node is draining; sending new connections to draining nodes rather than refusing them", "upstream", u.Addr)
@@ -267,7 +268,7 @@ func (p *picker) next(now time.Time) *upstream {
 		}
 		return nil
 	}
-	p.tried[u] = true
+	p.tried = append(p.tried, u)
 	return u
 }
 
