@@ -95,10 +95,9 @@ func helloIn(buf []byte) (done bool, sni string, err error) {
 
 // serverName parses a ClientHello body and returns its server_name.
 func serverName(b []byte) (string, error) {
-	bad := errMalformedHello
 	// version(2) random(32)
 	if len(b) < 34 {
-		return "", bad
+		return "", errMalformedHello
 	}
 	b = b[34:]
 	skip := func(lenBytes int) bool {
@@ -116,22 +115,22 @@ func serverName(b []byte) (string, error) {
 		return true
 	}
 	if !skip(1) || !skip(2) || !skip(1) { // session id, cipher suites, compression
-		return "", bad
+		return "", errMalformedHello
 	}
 	if len(b) == 0 {
 		return "", nil // no extensions
 	}
 	if len(b) < 2 {
-		return "", bad
+		return "", errMalformedHello
 	}
 	ext := b[2:]
 	if int(binary.BigEndian.Uint16(b)) != len(ext) {
-		return "", bad
+		return "", errMalformedHello
 	}
 	for len(ext) >= 4 {
 		typ, n := binary.BigEndian.Uint16(ext), int(binary.BigEndian.Uint16(ext[2:]))
 		if len(ext) < 4+n {
-			return "", bad
+			return "", errMalformedHello
 		}
 		data := ext[4 : 4+n]
 		ext = ext[4+n:]
@@ -139,13 +138,13 @@ func serverName(b []byte) (string, error) {
 			continue
 		}
 		if len(data) < 2 {
-			return "", bad
+			return "", errMalformedHello
 		}
 		list := data[2:]
 		for len(list) >= 3 {
 			nt, nl := list[0], int(binary.BigEndian.Uint16(list[1:]))
 			if len(list) < 3+nl {
-				return "", bad
+				return "", errMalformedHello
 			}
 			if nt == 0 {
 				return string(list[3 : 3+nl]), nil
