@@ -240,12 +240,24 @@ func newLoopListener(tl *net.TCPListener) (*loopListener, error) {
 	}
 	fd := -1
 	cerr := rc.Control(func(lfd uintptr) {
-		fd, err = unix.FcntlInt(lfd, unix.F_DUPFD_CLOEXEC, 0)
+		var d int
+		if d, err = unix.FcntlInt(lfd, unix.F_DUPFD_CLOEXEC, 0); err == nil {
+			fd = d
+		}
 	})
 	if err == nil {
 		err = cerr
 	}
+	if err == nil {
+		// As nginx's tcp_nodelay (Go's default too): small writes go out
+		// at once. Set here, every accepted socket inherits it, one
+		// system call fewer per connection.
+		err = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	}
 	if err != nil {
+		if fd >= 0 {
+			unix.Close(fd)
+		}
 		return nil, fmt.Errorf("take over the listener: %w", err)
 	}
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
@@ -490,8 +502,7 @@ func (b *Balancer) adopt(fd int, peer netip.AddrPort) {
 // (the balancer is shutting down, or an upstream is given by name: the
 // goroutine engine then serves it). b.handlers has been added to.
 func (b *Balancer) newLconn(l *evloop, fd int, peer netip.AddrPort) *lconn {
-	// As nginx's tcp_nodelay (Go's default too): small writes go out at once.
-	unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	// fd has TCP_NODELAY from the listener (newLoopListener).
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()

@@ -160,3 +160,35 @@ func epollSets(t *testing.T) map[string][]uint64 {
 	}
 	return sets
 }
+
+// The loops' listening socket has TCP_NODELAY, so every socket accepted
+// from it has it without a system call of its own (nginx's tcp_nodelay).
+func TestLoopListenerAcceptsWithNoDelay(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ll, err := newLoopListener(ln.(*net.TCPListener))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { // no serveLoop here to close the rest
+		ll.Close()
+		unix.Close(ll.epfd)
+		unix.Close(ll.wake)
+	}()
+	c, err := net.Dial("tcp", ll.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var fd int
+	waitUntil(t, func() bool { fd, _, err = accept4(ll.fd); return err != unix.EAGAIN })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if v, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY); err != nil || v == 0 {
+		t.Errorf("accepted socket: TCP_NODELAY %d (%v), want it set", v, err)
+	}
+}
