@@ -8,9 +8,10 @@
 // small request and reply each), the 64-byte round trip on a persistent
 // connection (p50, p99), the memory and descriptors per idle proxied
 // connection at 3,000 and 9,900 idle connections on a freshly started
-// proxy (by default: a hard limit of 20,000 descriptors leaves one proxy
-// process no room for 10,000 connections and their upstreams; -idle
-// takes other counts where the limit allows), the proxy's CPU time
+// proxy (the load figures come from another; by default: a hard limit
+// of 20,000 descriptors leaves one proxy process no room for 10,000
+// connections and their upstreams; -idle takes other counts where the
+// limit allows), the proxy's CPU time
 // (utime+stime of its processes) per new connection and per GiB of bulk
 // transfer, and while connections are made the whole machine's CPU per
 // connection and the share of time its CPUs sat idle. Each measurement

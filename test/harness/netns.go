@@ -37,10 +37,11 @@ type measured struct {
 	Conf   string `json:"conf"`
 }
 
-// measureInNetns runs one measurement in a child harness in a new network
-// namespace and returns its figures.
-func measureInNetns(self, bin, dir, name string, tlsMode bool) (sample, string, error) {
-	args := []string{"measure", "-target", name, "-tls=" + fmt.Sprint(tlsMode), "-dir", dir, "-mmtls", bin,
+// measureInNetns runs one measurement (the memory figures or the load
+// figures, see measure) in a child harness in a new network namespace and
+// returns its figures.
+func measureInNetns(self, bin, dir, name string, tlsMode, memory bool) (sample, string, error) {
+	args := []string{"measure", "-target", name, "-tls=" + fmt.Sprint(tlsMode), "-memory=" + fmt.Sprint(memory), "-dir", dir, "-mmtls", bin,
 		"-dur", dur.String(), "-idle", *idle, "-settle", settle.String(), "-nginx-workers", *nginxWorkers}
 	cmd := exec.Command(self, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Setpgid: true}
@@ -62,6 +63,7 @@ func measureMain(args []string) {
 	fs := flag.NewFlagSet("measure", flag.ExitOnError)
 	name := fs.String("target", "", "")
 	tlsMode := fs.Bool("tls", false, "")
+	memory := fs.Bool("memory", false, "")
 	dir := fs.String("dir", "", "")
 	fs.StringVar(mmtlsBin, "mmtls", "", "")
 	fs.DurationVar(dur, "dur", *dur, "")
@@ -98,7 +100,7 @@ func measureMain(args []string) {
 		if *tlsMode {
 			cf, kf = filepath.Join(*dir, "cert.pem"), filepath.Join(*dir, "key.pem")
 		}
-		f, conf, err := measure(self, *t, *tlsMode, cf, kf, roots)
+		f, conf, err := measure(self, *t, *tlsMode, cf, kf, roots, *memory)
 		if err != nil {
 			return err
 		}

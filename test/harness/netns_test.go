@@ -40,7 +40,7 @@ func TestMeasureInNetns(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f, _, err := measureInNetns(self, "", dir, "direct", true)
+	f, _, err := measureInNetns(self, "", dir, "direct", true, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,7 +49,21 @@ func TestMeasureInNetns(t *testing.T) {
 			t.Errorf("%s = %v, want a positive figure (all: %v)", k, f[k], f)
 		}
 	}
-	if _, _, err := measureInNetns(self, "", dir, "nosuch", false); err == nil {
+	if _, ok := f["kernel_kib_20"]; ok {
+		t.Errorf("the load measurement has memory figures: %v", f)
+	}
+	// The memory figures come from a measurement of their own.
+	f, _, err = measureInNetns(self, "", dir, "direct", true, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := f["kernel_kib_20"]; !ok {
+		t.Errorf("the memory measurement has no kernel figure at 20 connections: %v", f)
+	}
+	if _, ok := f["conns_s"]; ok {
+		t.Errorf("the memory measurement has load figures: %v", f)
+	}
+	if _, _, err := measureInNetns(self, "", dir, "nosuch", false, false); err == nil {
 		t.Error("an unknown target measured without an error")
 	}
 }
